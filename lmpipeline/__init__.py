@@ -1,0 +1,28 @@
+"""lmpipeline: post-train Hugging Face causal LMs (SFT, DPO; LoRA, QLoRA, full) from one YAML config.
+
+Python API (seed 001's shape):
+
+    from lmpipeline import SFTConfig, SFTStage
+    result = SFTStage(SFTConfig(output_dir="out/sft", dataset_name_or_path="data.jsonl")).execute(model, tokenizer)
+"""
+
+__version__ = "0.1.0"
+
+from lmpipeline.config.loader import load_config  # noqa: E402
+from lmpipeline.config.schema import DPOConfig, PipelineConfig, SFTConfig  # noqa: E402
+
+
+def __getattr__(name):
+    # Stages import torch/transformers; keep `import lmpipeline` light until they are asked for.
+    if name in ("SFTStage", "StageResult"):
+        from lmpipeline.methods import sft
+
+        return getattr(sft, name)
+    if name == "run_pipeline":
+        from lmpipeline.pipeline import run_pipeline
+
+        return run_pipeline
+    raise AttributeError(name)
+
+
+__all__ = ["load_config", "PipelineConfig", "SFTConfig", "DPOConfig", "SFTStage", "StageResult", "run_pipeline"]

@@ -1,0 +1,129 @@
+"""Command line: parse, call, print. Every user mistake ends as one readable message and exit code 2.
+
+    lmpipeline run CONFIG [--set KEY=VALUE ...] [--overwrite | --resume]
+    lmpipeline validate CONFIG [--set ...] [--config-only]
+    lmpipeline data inspect CONFIG [--stage S] [-n N] [--jsonl]
+    python -m lmpipeline --config CONFIG [--set ...]        (seed 001's form of `run`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lmpipeline.config.errors import ConfigError
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("config", help="YAML config (pipeline form of seed 001, or sectioned form of seed 000)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stage_configs.sft.learning_rate=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmpipeline", description="Post-train Hugging Face causal LMs from one YAML config.")
+    parser.add_argument("--config", help="run this config (same as `lmpipeline run CONFIG`)")
+    parser.add_argument("--set", dest="top_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (with --config)")
+    parser.add_argument("--overwrite", dest="top_overwrite", action="store_true", help="(with --config) replace an existing run")
+    parser.add_argument("--resume", dest="top_resume", action="store_true", help="(with --config) continue an existing run")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the stages of a config", description="Run every stage of CONFIG in order.")
+    _add_config_args(run)
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
+    val = sub.add_parser("validate", help="check a config and its data without training",
+                         description="Check the config, then the model reference and every data row; no training.")
+    _add_config_args(val)
+    val.add_argument("--config-only", action="store_true", help="check the config schema only (no model or data)")
+
+    data = sub.add_parser("data", help="look at data as the model will see it")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    insp = data_sub.add_parser("inspect", help="render examples with the trained tokens marked",
+                               description="Show examples of a stage as tokens, trained tokens highlighted.")
+    _add_config_args(insp)
+    insp.add_argument("--stage", help="stage name (default: the first training stage)")
+    insp.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
+    insp.add_argument("--jsonl", action="store_true", help="one JSON object per example: input_ids and labels")
+    insp.add_argument("--packed", action="store_true", help="show one packed batch as well")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmpipeline.data.types import DataError
+    from lmpipeline.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command is None:
+            if not args.config:
+                parser.print_help()
+                return 2
+            return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume)
+        if args.command == "run":
+            return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume)
+        if args.command == "validate":
+            from lmpipeline.commands.validate import validate_command
+
+            return validate_command(args.config, args.overrides, config_only=args.config_only)
+        if args.command == "data":
+            if args.data_command != "inspect":
+                parser.parse_args(["data", "--help"])
+            from lmpipeline.commands.inspect import inspect_command
+
+            return inspect_command(args.config, args.overrides, stage=args.stage, n=args.n, as_jsonl=args.jsonl,
+                                   packed=args.packed)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint can be continued with --resume", file=sys.stderr)
+        return 130
+    parser.print_help()
+    return 2
+
+
+def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool) -> int:
+    from lmpipeline.config.loader import load_config
+    from lmpipeline.pipeline import run_pipeline
+
+    cfg = load_config(config, overrides)
+    record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume)
+    out = record["config"].get("output_dir") or record.get("derived", {}).get("output_dir")
+    print(f"done: {len(record['stages'])} stage(s); outputs in {out}")
+    for name, st in record["stages"].items():
+        m = st.get("metrics") or {}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
+        print(f"  {name}: {st.get('final_dir')}" + (f"  ({shown})" if shown else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

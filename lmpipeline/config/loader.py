@@ -1,0 +1,293 @@
+"""Read a YAML config (safe YAML only), apply --set overrides, and validate it all at once.
+
+Two shapes load:
+- the pipeline form of seed 001: model_name_or_path, output_dir, stages, stage_configs;
+- the sectioned single-run form of seed 000: model:, lora:, training:, dataset: -> one SFT stage.
+
+Every error names the dotted key, the file and the line it came from (or `--set` for overrides).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from lmpipeline.config.errors import ConfigError, ConfigIssue, did_you_mean
+from lmpipeline.config.schema import STAGE_ALIASES, STAGE_CONFIG_CLASSES, PipelineConfig
+
+Path_ = tuple  # a key path such as ("stage_configs", "sft", "lora_r")
+
+# Seed 000's sections, mapped onto the flat names of the SFT stage (None = top level key).
+SECTIONED_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
+    "model": {
+        "name": (None, "model_name_or_path"),
+        "name_or_path": (None, "model_name_or_path"),
+        "tokenizer": (None, "tokenizer_name_or_path"),
+        "max_seq_length": ("sft", "max_seq_length"),
+        "load_in_4bit": ("sft", "use_4bit"),
+        "load_in_8bit": ("sft", "use_8bit"),
+        "torch_dtype": (None, "torch_dtype"),
+        "trust_remote_code": ("sft", "trust_remote_code"),
+        "attn_implementation": ("sft", "attn_implementation"),
+        "chat_template": ("sft", "chat_template"),
+    },
+    "lora": {
+        "r": ("sft", "lora_r"),
+        "alpha": ("sft", "lora_alpha"),
+        "dropout": ("sft", "lora_dropout"),
+        "target_modules": ("sft", "lora_target_modules"),
+        "use_dora": ("sft", "use_dora"),
+        "use_rslora": ("sft", "use_rslora"),
+        "enabled": ("sft", "use_lora"),
+    },
+    "dataset": {
+        "path": ("sft", "dataset_name_or_path"),
+        "format": ("sft", "dataset_format"),
+        "split": ("sft", "dataset_split"),
+        "max_samples": ("sft", "max_samples"),
+        "text_field": ("sft", "dataset_text_field"),
+        "column_mapping": ("sft", "column_mapping"),
+        "eval_path": ("sft", "eval_dataset_name_or_path"),
+        "validation_split_ratio": ("sft", "validation_split_ratio"),
+    },
+}
+# Seed 000's `dataset.format: custom` means a plain text column.
+SECTIONED_FORMAT_NAMES = {"custom": "text"}
+
+
+class _Located:
+    """YAML data plus the line each key path was written on."""
+
+    def __init__(self, data: Any, lines: dict[Path_, int], file: str):
+        self.data = data
+        self.lines = lines
+        self.file = file
+
+    def line(self, path: Path_) -> int | None:
+        # The closest enclosing key that has a line: an error inside a value points at its key.
+        for cut in range(len(path), 0, -1):
+            if path[:cut] in self.lines:
+                return self.lines[path[:cut]]
+        return None
+
+
+def _key_lines(node: yaml.Node, path: Path_, out: dict[Path_, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _key_lines(value_node, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _key_lines(item, path + (i,), out)
+
+
+def read_yaml(path: str | Path) -> _Located:
+    """Safe-load a YAML file, remembering key lines. Python tags and syntax errors become ConfigError."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue("", f"config file not found: {file}")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([ConfigIssue("", f"config is not UTF-8 text ({e.reason})", file)]) from None
+    except OSError as e:
+        raise ConfigError([ConfigIssue("", f"cannot read config: {e.strerror}", file)]) from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        msg = f"{e.problem or e}" + (" (only plain YAML is accepted; Python tags are refused)" if "python" in str(e) else "")
+        raise ConfigError([ConfigIssue("", f"invalid YAML: {msg}", file, line)]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([ConfigIssue("", f"invalid YAML: {e}", file)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue("", "the config must be a mapping of keys to values", file, 1)])
+    lines: dict[Path_, int] = {}
+    if node is not None:
+        _key_lines(node, (), lines)
+    return _Located(data, lines, file)
+
+
+def parse_override(text: str) -> tuple[Path_, Any]:
+    """`stage_configs.sft.learning_rate=1e-4` -> (("stage_configs","sft","learning_rate"), 1e-4)."""
+    if "=" not in text:
+        raise ConfigError([ConfigIssue("", f"--set `{text}`: expected KEY=VALUE", "--set")])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads `1e-4` as a string; a user writing a number on the command line means a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return tuple(key.strip().split(".")), value
+
+
+def _set_path(data: dict, path: Path_, value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def is_sectioned(data: dict) -> bool:
+    return "stages" not in data and "stage_configs" not in data and any(
+        k in data for k in ("model", "lora", "training", "dataset")
+    )
+
+
+def _from_sectioned(loc: _Located) -> tuple[dict, dict[Path_, int], list[ConfigIssue]]:
+    """Translate seed 000's sections into the pipeline form; remember where each value came from."""
+    data, issues = loc.data, []
+    out: dict[str, Any] = {"stages": ["sft"], "stage_configs": {"sft": {}}}
+    lines: dict[Path_, int] = {}
+    sft = out["stage_configs"]["sft"]
+
+    def put(target, key, value, src: Path_):
+        if target is None:
+            out[key] = value
+            dest = (key,)
+        else:
+            sft[key] = value
+            dest = ("stage_configs", "sft", key)
+        if loc.line(src):
+            lines[dest] = loc.line(src)
+
+    for section, value in data.items():
+        if section in SECTIONED_KEYS:
+            if not isinstance(value, dict):
+                issues.append(ConfigIssue(section, "must be a mapping", loc.file, loc.line((section,))))
+                continue
+            for key, v in value.items():
+                mapping = SECTIONED_KEYS[section].get(key)
+                if mapping is None:
+                    hint = did_you_mean(key, SECTIONED_KEYS[section])
+                    issues.append(ConfigIssue(f"{section}.{key}", f"unknown key{hint}", loc.file, loc.line((section, key))))
+                    continue
+                if section == "dataset" and key == "format":
+                    v = SECTIONED_FORMAT_NAMES.get(v, v)
+                put(mapping[0], mapping[1], v, (section, key))
+        elif section == "training":
+            if not isinstance(value, dict):
+                issues.append(ConfigIssue(section, "must be a mapping", loc.file, loc.line((section,))))
+                continue
+            for key, v in value.items():
+                target = None if key == "output_dir" else "sft"
+                put(target, key, v, (section, key))
+        elif section in ("output_dir", "model_name_or_path", "torch_dtype"):
+            put(None, section, value, (section,))
+        else:
+            hint = did_you_mean(section, list(SECTIONED_KEYS) + ["training", "output_dir"])
+            issues.append(ConfigIssue(section, f"unknown section{hint}", loc.file, loc.line((section,))))
+    # Stage-level keys keep their (prefixed) line numbers for validation messages.
+    return out, lines, issues
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> PipelineConfig:
+    """Load, translate, override and validate. Raises ConfigError listing every problem."""
+    if path is not None:
+        loc = read_yaml(path)
+    else:
+        loc = _Located(data or {}, {}, "<config>")
+    issues: list[ConfigIssue] = []
+    if is_sectioned(loc.data):
+        raw, lines, issues = _from_sectioned(loc)
+    else:
+        raw, lines = dict(loc.data), dict(loc.lines)
+
+    derived: dict[str, Any] = {}
+    if "stages" not in raw and isinstance(raw.get("stage_configs"), dict) and raw["stage_configs"]:
+        # Seed 001's chat example lists only stage_configs: run those stages in the order written.
+        raw["stages"] = list(raw["stage_configs"])
+        derived["stages"] = raw["stages"]
+
+    override_paths = set()
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if is_sectioned(loc.data) and key and key[0] in SECTIONED_KEYS and len(key) == 2:
+            mapping = SECTIONED_KEYS[key[0]].get(key[1])
+            if mapping:
+                key = (mapping[1],) if mapping[0] is None else ("stage_configs", "sft", mapping[1])
+        _set_path(raw, key, value)
+        override_paths.add(key)
+
+    def where(p: Path_) -> tuple[str, int | None]:
+        for cut in range(len(p), 0, -1):
+            if p[:cut] in override_paths:
+                return "--set", None
+        return loc.file, lines.get(p) or loc.line(p)
+
+    try:
+        cfg = PipelineConfig(**raw)
+    except ValidationError as err:
+        for e in err.errors():
+            p = tuple(e["loc"])
+            f, ln = where(p)
+            msg = (
+                f"unknown key{did_you_mean(p[-1], PipelineConfig.model_fields)}"
+                if e["type"] == "extra_forbidden"
+                else e["msg"].removeprefix("Value error, ")
+            )
+            issues.append(ConfigIssue(".".join(map(str, p)), msg, f, ln))
+        raise ConfigError(issues)
+
+    for i, name in enumerate(cfg.stages):
+        if name not in STAGE_ALIASES:
+            f, ln = where(("stages", i))
+            hint = did_you_mean(name, STAGE_ALIASES)
+            issues.append(ConfigIssue(f"stages[{i}]", f"unknown stage `{name}`{hint}; known: {', '.join(sorted(STAGE_ALIASES))}", f, ln))
+    if len(set(cfg.stages)) != len(cfg.stages):
+        issues.append(ConfigIssue("stages", "a stage is listed twice", *where(("stages",))))
+    for name, params in cfg.stage_configs.items():
+        if name not in cfg.stages:
+            f, ln = where(("stage_configs", name))
+            hint = did_you_mean(name, cfg.stages)
+            issues.append(ConfigIssue(f"stage_configs.{name}", f"configures a stage that is not in `stages`{hint}", f, ln))
+            continue
+        cls = STAGE_CONFIG_CLASSES[STAGE_ALIASES[name]] if name in STAGE_ALIASES else None
+        if cls is None:
+            continue
+        if not isinstance(params, dict):
+            issues.append(ConfigIssue(f"stage_configs.{name}", "must be a mapping of parameters", *where(("stage_configs", name))))
+            continue
+        try:
+            cls(stage_name=name, **params)
+        except ValidationError as err:
+            for e in err.errors():
+                p = ("stage_configs", name) + tuple(e["loc"])
+                f, ln = where(p)
+                msg = (
+                    f"unknown key{did_you_mean(p[-1], cls.model_fields)}"
+                    if e["type"] == "extra_forbidden"
+                    else e["msg"].removeprefix("Value error, ")
+                )
+                issues.append(ConfigIssue(".".join(map(str, p)), msg, f, ln))
+    if not cfg.stages:
+        issues.append(ConfigIssue("stages", "no stages to run; e.g. `stages: [sft]`", loc.file, loc.line(("stages",))))
+    if issues:
+        raise ConfigError(issues)
+    cfg._derived = derived
+    cfg._source_file = loc.file if path is not None else None
+    cfg._key_lines = {".".join(map(str, k)): v for k, v in lines.items()}
+    return cfg
+
+
+def key_location(cfg: PipelineConfig, dotted: str) -> str:
+    """'file:line' for a dotted key of a loaded config, for errors found after validation."""
+    file = getattr(cfg, "_source_file", None) or "<config>"
+    line = getattr(cfg, "_key_lines", {}).get(dotted)
+    return f"{file}:{line}" if line else file

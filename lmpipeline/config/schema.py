@@ -1,0 +1,289 @@
+"""The typed config schema: one pydantic model per stage kind, and the pipeline that holds them.
+
+Field names follow seed 001's flat parameter tables (which follow TRL's SFTConfig and transformers'
+TrainingArguments), so a user's existing config keys keep their meaning. Every field has a
+description; `lmpipeline validate` and the README config reference are generated from them.
+Unknown keys are errors (extra="forbid"): a misspelt key must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+# Stage kinds and the names that select them. `trl_sft` is seed 001's name for the SFT stage.
+STAGE_ALIASES = {"trl_sft": "sft", "sft": "sft", "dpo": "dpo", "trl_dpo": "dpo"}
+
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw",
+    "sgd",
+    "adafactor",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+)
+GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DatasetSpec(_Strict):
+    """One source in a mixture (`dataset_name_or_path` may be a list of these)."""
+
+    path: str = Field(description="File, folder, datasets on-disk folder or Hub dataset name.")
+    format: Optional[str] = Field(None, description="Row format; auto-detected when unset.")
+    split: str = Field("train", description="Split to read for Hub and on-disk datasets.")
+    weight: float = Field(1.0, gt=0, description="Sampling weight when mixing several datasets.")
+    max_samples: Optional[int] = Field(None, gt=0, description="Keep at most this many rows.")
+    column_mapping: Optional[dict[str, str]] = Field(
+        None, description="Map canonical names (instruction, output, messages...) to your columns."
+    )
+
+
+class TrainStageConfig(_Strict):
+    """Fields every training stage shares: data, optimisation, adapters, precision, logging."""
+
+    stage_name: Optional[str] = Field(None, description="Name of the stage (set by the pipeline).")
+    output_dir: Optional[str] = Field(
+        None, description="Where this stage writes; the pipeline sets <output_dir>/<stage>."
+    )
+
+    # --- data
+    dataset_name_or_path: Optional[Union[str, list[DatasetSpec]]] = Field(
+        None, description="Training data: a file, folder, Hub name, or a list of sources to mix."
+    )
+    dataset_format: Optional[str] = Field(
+        None, description="Row format (alpaca, messages, sharegpt, text, ...); detected when unset."
+    )
+    dataset_split: str = Field("train", description="Split of a Hub/on-disk dataset to train on.")
+    dataset_text_field: str = Field("text", description="Column holding plain text.")
+    column_mapping: Optional[dict[str, str]] = Field(
+        None, description="Map canonical names to your columns, e.g. {instruction: question}."
+    )
+    eval_dataset_name_or_path: Optional[str] = Field(
+        None, description="Held-out data for eval loss; else `validation_split_ratio` of the train data."
+    )
+    validation_split_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of training rows held out for evaluation."
+    )
+    max_samples: Optional[int] = Field(None, gt=0, description="Use at most this many training rows.")
+    max_seq_length: int = Field(2048, gt=0, description="Longest tokenised example, in tokens.")
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="Rows that cannot be used: stop with a report, or skip and count them."
+    )
+    on_overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Examples longer than max_seq_length."
+    )
+    chat_template_path: Optional[str] = Field(
+        None, description="A Jinja chat template file (or tokenizer_config.json holding one)."
+    )
+    chat_template: Optional[str] = Field(
+        None, description="A built-in template name (chatml, llama-3, ...) or literal Jinja."
+    )
+    eos_token: Optional[str] = Field(None, description="Override the tokenizer's EOS token.")
+    pad_token: Optional[str] = Field(None, description="Override the tokenizer's pad token.")
+
+    # --- schedule
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
+    max_steps: int = Field(-1, description="Optimizer steps to run; overrides epochs when > 0.")
+    per_device_train_batch_size: int = Field(4, gt=0, description="Micro-batch size per device.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Eval batch size per device.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    optim: str = Field("adamw_torch", description=f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
+    lr_scheduler_type: str = Field("linear", description=f"One of {', '.join(SCHEDULERS)}.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of steps.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (wins over warmup_ratio).")
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+
+    # --- adapters and quantisation
+    use_lora: bool = Field(True, description="Train LoRA adapters; false = full fine-tuning.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_target_modules: Union[str, list[str]] = Field(
+        "all-linear", description='Modules to adapt: "all-linear" or a list like [q_proj, v_proj].'
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_4bit: bool = Field(False, description="QLoRA: load the base in 4-bit (bitsandbytes, GPU).")
+    use_8bit: bool = Field(False, description="Load the base in 8-bit (bitsandbytes, GPU).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantise the quantisation constants.")
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the 4-bit matmuls."
+    )
+
+    # --- precision and speed
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU, or CPUs that support it).")
+    fp16: bool = Field(False, description="float16 mixed precision (GPU).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    use_liger_kernel: bool = Field(False, description="Liger Triton kernels (GPU).")
+    attn_implementation: Optional[str] = Field(
+        None, description="Attention backend: sdpa, eager, flex_attention, flash_attention_2."
+    )
+    packing: bool = Field(False, description="Pack examples padding-free into max_seq_length rows.")
+    packing_strategy: Literal["bfd", "ffd", "wrapped"] = Field(
+        "bfd", description="bfd/ffd: whole examples, best fit; wrapped: concatenate and cut (text)."
+    )
+    neftune_noise_alpha: Optional[float] = Field(
+        None, gt=0, description="NEFTune: uniform noise on embeddings during training."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model repo.")
+
+    # --- evaluation, checkpoints, logging
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate.")
+    eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N optimizer steps.")
+    save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to checkpoint.")
+    save_steps: int = Field(500, gt=0, description="Checkpoint every N optimizer steps.")
+    save_total_limit: Optional[int] = Field(
+        None, gt=0, description="Keep at most N checkpoints (never deleting the newest)."
+    )
+    logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    early_stopping_patience: Optional[int] = Field(
+        None, gt=0, description="Stop after N evaluations without eval-loss improvement."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Minimum improvement that counts.")
+    report_to: Union[str, list[str]] = Field(
+        "none", description="Trackers: none, tensorboard, wandb (offline), mlflow (local store)."
+    )
+    run_name: Optional[str] = Field(None, description="Name shown in trackers.")
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            from lmpipeline.config.errors import did_you_mean
+
+            raise ValueError(f"unknown optimizer `{v}`{did_you_mean(v, OPTIMIZERS)}; choose from {', '.join(OPTIMIZERS)}")
+        return v
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            from lmpipeline.config.errors import did_you_mean
+
+            raise ValueError(f"unknown scheduler `{v}`{did_you_mean(v, SCHEDULERS)}")
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v):
+        names = [v] if isinstance(v, str) else list(v)
+        allowed = {"none", "tensorboard", "wandb", "mlflow"}
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise ValueError(f"unknown tracker(s) {bad}; choose from {sorted(allowed)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.use_4bit and self.use_8bit:
+            raise ValueError("use_4bit and use_8bit are exclusive: pick one")
+        if (self.use_4bit or self.use_8bit) and not self.use_lora:
+            raise ValueError("4-bit/8-bit loading trains adapters only: set use_lora: true")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are exclusive: pick one")
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy: steps needs eval_steps")
+        if self.early_stopping_patience and self.eval_strategy == "no":
+            raise ValueError("early_stopping_patience needs evaluation: set eval_strategy and eval_steps")
+        return self
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [n for n in names if n != "none"]
+
+
+class SFTConfig(TrainStageConfig):
+    """Supervised fine-tuning (seed 000, seed 001's `trl_sft`)."""
+
+    completion_only_loss: Optional[bool] = Field(
+        None, description="Train only the completion of prompt/completion rows (auto: yes for them)."
+    )
+    assistant_only_loss: bool = Field(
+        False, description="Train only assistant turns (content + end-of-turn token) of chat rows."
+    )
+
+
+class DPOConfig(TrainStageConfig):
+    """Preference optimisation (seed 004): DPO and its loss family."""
+
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the KL anchor.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
+        "sigmoid", description="Preference loss (see lmpipeline/methods/losses.py for the papers)."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO / cDPO smoothing.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin (gamma / beta ratio).")
+    max_prompt_length: Optional[int] = Field(
+        None, gt=0, description="Prompt tokens kept (left-truncated); rest of max_seq_length for replies."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute reference log-probs once, cache them on disk, reuse them."
+    )
+    reference: Literal["auto", "adapter_disabled", "frozen_copy", "none"] = Field(
+        "auto", description="How the reference is formed (auto: disabled adapter for LoRA)."
+    )
+    from_previous_stage: Literal["merge", "stack"] = Field(
+        "merge", description="After SFT: merge its adapter into the base (default) or stack a new one."
+    )
+    ultrafeedback_rejected: Literal["random", "worst"] = Field(
+        "random", description="UltraFeedback raw binarisation: best vs a random other, or the worst."
+    )
+
+
+STAGE_CONFIG_CLASSES: dict[str, type[TrainStageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+
+
+class PipelineConfig(_Strict):
+    """A whole run: the model, where outputs go, and the stages in order (seed 001's form)."""
+
+    model_name_or_path: Optional[str] = Field(None, description="Base model: local folder or Hub id.")
+    tokenizer_name_or_path: Optional[str] = Field(None, description="Tokenizer, if not the model's.")
+    output_dir: Optional[str] = Field(None, description="Run folder: run.json and one folder per stage.")
+    stages: list[str] = Field(default_factory=list, description="Stages to run, in order.")
+    stage_configs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-stage parameters, keyed by stage name."
+    )
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype to load weights in (auto: bf16 when training in bf16, else fp32)."
+    )
+
+    # Where the config came from, for error messages raised after validation (see key_location).
+    _source_file: Optional[str] = PrivateAttr(None)
+    _key_lines: dict[str, int] = PrivateAttr(default_factory=dict)
+    # Values lmpipeline chose for the user (printed, and stored in run.json under "derived").
+    _derived: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def stage_kinds(self) -> dict[str, str]:
+        return {name: STAGE_ALIASES[name] for name in self.stages if name in STAGE_ALIASES}
+
+    def stage(self, name: str) -> TrainStageConfig:
+        """The typed config of stage `name` (validated by `load_config`)."""
+        cls = STAGE_CONFIG_CLASSES[STAGE_ALIASES[name]]
+        return cls(stage_name=name, **self.stage_configs.get(name, {}))

@@ -1,0 +1,249 @@
+"""Packing and batching: bins of examples, padded and padding-free collation, token-budget batches.
+
+Strategies
+    `pack_bfd`      best-fit decreasing: example indices into bins of at most `capacity` tokens.
+                    Seed configs call this "ffd"; the config layer maps that name here. Examples stay
+                    whole, so each keeps its own document boundaries (see collate_packed).
+    `pack_wrapped`  concatenate everything and cut every `capacity` tokens (continued pre-training
+                    on plain text: documents are split across rows and attend within a row).
+
+Collators (return torch tensors)
+    `collate_padded(examples, pad_token_id)`  -> input_ids, attention_mask, labels  [B, T]
+        right padding; labels are IGNORE_INDEX on padding, so padding is masked by position and a
+        pad id equal to eos never hides a real eos.
+    `collate_packed(examples)`  -> padding-free, one row [1, sum(len)]:
+        input_ids, labels, position_ids restarting at 0 for every example, cu_seq_lens (int32,
+        [n + 1], cumulative lengths) and max_length (int, the longest example). The first label of
+        every example is IGNORE_INDEX, so no example is trained to predict across a boundary (the
+        model shifts labels left by one: the last token of example k would otherwise be trained to
+        predict the first token of example k+1).
+
+How packed examples are kept apart (transformers 5.23): with attention_mask=None, position_ids
+given and no cache, `masking_utils.find_packed_sequence_indices` detects the restarts in
+position_ids and `create_causal_mask` ANDs a same-document condition into the causal mask.
+Checked: sdpa and eager in the unit tests, flex_attention once by hand (same loss; its CPU compile
+takes minutes, so it is not in the suite). Flash-attention paths read the same position_ids, or
+cu_seq_lens_q/k and max_length_q/k (`flash_attn_kwargs`). The caller must therefore pass
+position_ids, pass NO attention_mask, and call the model with use_cache=False: LlamaModel creates a
+DynamicCache when use_cache is on (the config default, in train mode too), a cache disables the
+packed-sequence detection, and the row then silently attends across examples.
+tests/unit/data/test_packing.py shows both: packed loss == padded loss, and != with the cache on.
+On SDPA that mask is dense [T, T] (slow on long rows, GUIDE section 5); cu_seq_lens and max_length
+are there for varlen/flex kernels.
+
+Batching
+    `TokenBudgetBatchSampler`: micro-batches whose padded size (longest x count) stays within a
+    token budget; examples of similar length are grouped inside seeded random pools, and batch
+    order is shuffled per epoch (seed + epoch).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from typing import Iterator, Sequence
+
+import torch
+
+from lmpipeline.data.types import IGNORE_INDEX, TokenizedExample
+
+__all__ = [
+    "pack_bfd",
+    "pack_examples",
+    "pack_wrapped",
+    "collate_padded",
+    "collate_packed",
+    "flash_attn_kwargs",
+    "TokenBudgetBatchSampler",
+]
+
+
+def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of `lengths` grouped into bins whose total is <= capacity.
+
+    Longest first, each into the fullest bin that still has room (ties: the earliest bin), else a
+    new bin. O(n log n) with a sorted list of (free space, bin) keys. Every index appears exactly
+    once. Raises ValueError for a length over capacity (truncate or drop over-long examples first)
+    or a non-positive capacity.
+    """
+    if capacity <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    # Sorted keys free * stride + bin_id: one int compare per bisect step, and bin ids break ties.
+    stride = len(lengths) + 1
+    free_keys: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(
+                f"example {i} has {n} tokens, over the packing capacity {capacity}; truncate or drop "
+                "over-long examples before packing"
+            )
+        if n <= 0:
+            raise ValueError(f"example {i} is empty; drop empty examples before packing")
+        pos = bisect.bisect_left(free_keys, n * stride)
+        if pos < len(free_keys):
+            key = free_keys.pop(pos)
+            free, b = divmod(key, stride)
+        else:
+            free, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        free -= n
+        if free > 0:
+            bisect.insort(free_keys, free * stride + b)
+    return bins
+
+
+def pack_examples(examples: Sequence[TokenizedExample], capacity: int) -> list[list[TokenizedExample]]:
+    """`pack_bfd` applied to examples: each inner list is one packed row for `collate_packed`."""
+    return [[examples[i] for i in b] for b in pack_bfd([len(e) for e in examples], capacity)]
+
+
+def pack_wrapped(
+    examples: Sequence[TokenizedExample], capacity: int, *, drop_last: bool = False
+) -> list[TokenizedExample]:
+    """Concatenate all examples and cut into rows of `capacity` tokens (the last may be shorter,
+    unless drop_last). Labels travel with their tokens; rows have no source."""
+    if capacity <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids.extend(ex.input_ids)
+        labels.extend(ex.labels)
+    rows = [
+        TokenizedExample(ids[s : s + capacity], labels[s : s + capacity])
+        for s in range(0, len(ids), capacity)
+    ]
+    if drop_last and rows and len(rows[-1]) < capacity:
+        rows.pop()
+    return rows
+
+
+def collate_padded(
+    examples: Sequence[TokenizedExample], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids (pad_token_id), attention_mask (1 real, 0 pad), labels (-100 pad)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; any id works (padding is masked), e.g. the eos id")
+    width = max(len(e) for e in examples)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor | int]:
+    """Padding-free row [1, T]: see the module docstring. Pass every example of a micro-batch (one or
+    several bins, flattened); call the model with position_ids, no attention_mask, use_cache=False."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [len(e) for e in examples]
+    if min(lengths) <= 0:
+        raise ValueError("cannot pack an empty example")
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex, n in zip(examples, lengths):
+        ids.extend(ex.input_ids)
+        labels.append(IGNORE_INDEX)  # never a target across the boundary
+        labels.extend(ex.labels[1:])
+        positions.extend(range(n))
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+        "max_length": max(lengths),
+    }
+
+
+def flash_attn_kwargs(batch: dict) -> dict:
+    """The names transformers' flash-attention paths read (FlashAttentionKwargs) for a packed batch."""
+    cu = batch["cu_seq_lens"]
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch["max_length"],
+            "max_length_k": batch["max_length"]}
+
+
+class TokenBudgetBatchSampler:
+    """Yields lists of example indices whose padded size (longest x count) is <= max_tokens.
+
+    Each epoch: indices are shuffled with Random(seed + epoch), cut into pools of `pool_size`
+    batches' worth, sorted by length inside each pool (so a batch pads little but stays random
+    across pools), greedily cut into batches, and the batch order shuffled. max_batch_size caps
+    the count. Deterministic for a given seed and epoch; call set_epoch each epoch. Single
+    process: a distributed run shards the yielded batches itself.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        *,
+        seed: int = 0,
+        max_batch_size: int | None = None,
+        pool_size: int = 100,
+    ):
+        if not lengths:
+            raise ValueError("no examples to batch")
+        longest = max(lengths)
+        if longest > max_tokens:
+            raise ValueError(
+                f"token budget {max_tokens} is smaller than the longest example ({longest} tokens); raise "
+                "the budget or lower max_length"
+            )
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.max_batch_size = max_batch_size
+        self.pool_size = pool_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mean = sum(self.lengths) / len(self.lengths)
+        pool = max(1, int(self.pool_size * max(1, self.max_tokens // max(1, int(mean)))))
+        out: list[list[int]] = []
+        for p in range(0, len(order), pool):
+            chunk = sorted(order[p : p + pool], key=lambda i: self.lengths[i])
+            batch: list[int] = []
+            longest = 0
+            for i in chunk:
+                n = self.lengths[i]
+                grown = max(longest, n)
+                full = self.max_batch_size is not None and len(batch) >= self.max_batch_size
+                if batch and (grown * (len(batch) + 1) > self.max_tokens or full):
+                    out.append(batch)
+                    batch, grown = [], n
+                batch.append(i)
+                longest = grown
+            if batch:
+                out.append(batch)
+        rng.shuffle(out)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        # The count depends on the epoch's shuffle; computing it costs one batches() call.
+        return len(self.batches())

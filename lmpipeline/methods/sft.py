@@ -1,0 +1,137 @@
+"""Supervised fine-tuning (seeds 000, 001, 002, 003).
+
+Supports: LoRA / DoRA / rsLoRA adapters, QLoRA (4-bit NF4/FP4) and 8-bit bases on GPU, full
+fine-tuning; chat, instruction, prompt/completion and plain-text data (see lmpipeline/data);
+assistant-only and completion-only loss; padding-free packing; NEFTune; Liger kernels (GPU).
+
+Loss: token-level cross-entropy summed over trained positions (labels != -100) and divided by the
+number of trained tokens in the whole global batch, so gradient accumulation and data parallelism
+give the same result as one large batch.
+
+Assumes: a causal LM loadable by transformers' AutoModelForCausalLM.
+Raises: UserError (bad paths, QLoRA without GPU, no trainable parameters), DataError/ConfigError
+for data and config problems, NonFiniteLossError when the loss or gradients stop being finite.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmpipeline.config.schema import SFTConfig
+from lmpipeline.context import StageResult
+from lmpipeline.data.build import SFTData, build_sft_data, make_batch_plans
+from lmpipeline.errors import UserError
+from lmpipeline.models import loading
+from lmpipeline.train.loop import train
+from lmpipeline.train.runtime import make_accelerator, seed_everything
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class SFTObjective:
+    """Next-token cross-entropy on trained positions, normalised by the global trained-token count."""
+
+    def count(self, batch: dict) -> int:
+        # The model predicts labels[:, 1:] from positions [:, :-1]; only those targets count.
+        return int((batch["labels"][..., 1:] != -100).sum())
+
+    def loss(self, model, batch: dict, total_units: float):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        n = self.count(batch)
+        # use_cache=False: with a cache, transformers skips the packed-sequence block mask and packed
+        # examples would attend to each other (see tests/unit/data/test_packing.py).
+        out = model(**inputs, labels=batch["labels"], use_cache=False,
+                    num_items_in_batch=torch.tensor(total_units, device=batch["labels"].device))
+        loss = out.loss
+        return loss, {"loss": float(loss.detach()) * total_units, "units": n}
+
+
+def save_final(model, tokenizer, final_dir: Path) -> None:
+    """Write the stage's model atomically: adapter (or full weights) and tokenizer, safetensors only."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+
+
+class SFTStage:
+    """`SFTStage(config).execute(model, tokenizer)` -> StageResult (seed 001's Python API)."""
+
+    def __init__(self, config: SFTConfig):
+        if not isinstance(config, SFTConfig):
+            raise TypeError(f"SFTStage needs an SFTConfig, got {type(config).__name__}")
+        if not config.output_dir:
+            raise UserError("no output_dir given", key="output_dir")
+        self.config = config
+
+    def execute(self, model=None, tokenizer=None, *, model_name_or_path: str | None = None,
+                torch_dtype: str = "auto", resume: bool = False, data: SFTData | None = None) -> StageResult:
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        if model is None and model_name_or_path is None:
+            raise UserError("SFTStage.execute needs a model or model_name_or_path")
+        if tokenizer is None:
+            tokenizer = loading.load_tokenizer(model_name_or_path, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
+                                               trust_remote_code=cfg.trust_remote_code)
+        # Data first: a bad dataset must fail before minutes of weight loading.
+        data = data or build_sft_data(cfg, tokenizer)
+        log.info("[%s] data: %s", cfg.stage_name, data.summary())
+
+        if model is None:
+            loading.quantization_config(cfg)  # fails now, with the key, if QLoRA is asked for without a GPU
+            model = loading.load_model(model_name_or_path, cfg, torch_dtype=torch_dtype)
+        if cfg.use_liger_kernel:
+            loading.apply_liger(model)
+        if cfg.use_lora and not hasattr(model, "peft_config"):
+            model = loading.apply_lora(model, cfg)
+        if cfg.gradient_checkpointing:
+            loading.enable_gradient_checkpointing(model)
+        _log_trainable(model)
+
+        accelerator = make_accelerator(cfg, out)
+        train_plan, eval_plan = make_batch_plans(cfg, data, tokenizer, rank=accelerator.process_index,
+                                                 world=accelerator.num_processes)
+        neftune = None
+        if cfg.neftune_noise_alpha:
+            from transformers.integrations.neftune import activate_neftune
+
+            neftune = activate_neftune(model, cfg.neftune_noise_alpha)
+        try:
+            result = train(model=model, cfg=cfg, objective=SFTObjective(), train_plan=train_plan, eval_plan=eval_plan,
+                           output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
+        finally:
+            if neftune is not None:
+                neftune.remove()
+            accelerator.end_training()
+
+        final_dir = out / "final"
+        if accelerator.is_main_process:
+            save_final(accelerator.unwrap_model(model), tokenizer, final_dir)
+        accelerator.wait_for_everyone()
+        metrics = dict(result.metrics)
+        self.model = accelerator.unwrap_model(model)
+        self.tokenizer = tokenizer
+        return StageResult(cfg.stage_name or "sft", out, final_dir, metrics, result.global_step, data.describe(),
+                           adapter=cfg.use_lora)
+
+
+def _log_trainable(model) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    if not math.isfinite(trainable) or trainable == 0:
+        raise UserError("nothing to train: no parameter requires a gradient")

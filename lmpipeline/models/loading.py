@@ -1,0 +1,166 @@
+"""Load a tokenizer and a causal LM the way a stage config asks: dtype, 4/8-bit, attention backend.
+
+Supports local folders and Hub ids (the Hub only when online). Weights load through safetensors;
+`trust_remote_code` stays off unless the config sets it. Raises UserError for anything a user can fix:
+a missing folder, a Hub id that cannot be reached offline, QLoRA without a GPU, bitsandbytes missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from lmpipeline.config.schema import TrainStageConfig
+from lmpipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_reference(name: str | None, key: str = "model_name_or_path") -> None:
+    """Fail early, before any heavy work, when a local model folder does not exist."""
+    if not name:
+        raise UserError("no model given", key=key, hint=f"set it in the config or with --set {key}=PATH_OR_HUB_ID")
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise UserError(f"`{name}` is a folder but holds no config.json (not a saved model)", key=key)
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model folder `{name}` does not exist", key=key)
+
+
+def load_tokenizer(name: str, *, eos_token: str | None = None, pad_token: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from `{name}`: {str(e).splitlines()[0]}", key="model_name_or_path") from None
+    if eos_token:
+        tok.eos_token = eos_token
+    if pad_token:
+        tok.pad_token = pad_token
+    if tok.pad_token is None:
+        # Padding is masked by position (attention_mask/labels), never by id, so reusing EOS as pad
+        # cannot hide the real EOS from the loss in this project's collators.
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token: padding with EOS (%s); pads are masked by position", tok.eos_token)
+    return tok
+
+
+def training_dtype(stage: TrainStageConfig, requested: str = "auto") -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    if stage.bf16:
+        return torch.bfloat16
+    if stage.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def quantization_config(stage: TrainStageConfig):
+    if not (stage.use_4bit or stage.use_8bit):
+        return None
+    key = "use_4bit" if stage.use_4bit else "use_8bit"
+    if not torch.cuda.is_available():
+        raise UserError(
+            "4-bit/8-bit loading (bitsandbytes) needs a CUDA GPU and none is visible",
+            key=f"stage_configs.{stage.stage_name}.{key}",
+            hint="run on a GPU machine, or set it to false for bf16/fp32 LoRA on this machine",
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("bitsandbytes is not installed", key=key, hint="pip install 'lmpipeline[gpu]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if stage.use_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=stage.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=stage.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=DTYPES[stage.bnb_4bit_compute_dtype],
+        # Storage dtype = compute dtype lets FSDP shard 4-bit weights alongside bf16 ones.
+        bnb_4bit_quant_storage=DTYPES[stage.bnb_4bit_compute_dtype],
+    )
+
+
+def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto"):
+    """The base model for a training stage, on the right device, quantised if asked."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_reference(name)
+    quant = quantization_config(stage)
+    kwargs = dict(
+        dtype=DTYPES[stage.bnb_4bit_compute_dtype] if quant is not None else training_dtype(stage, torch_dtype),
+        trust_remote_code=stage.trust_remote_code,
+        use_safetensors=None,
+    )
+    if stage.attn_implementation:
+        kwargs["attn_implementation"] = stage.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model `{name}`: {str(e).splitlines()[0]}", key="model_name_or_path") from None
+    if quant is None and torch.cuda.is_available():
+        model.to(torch.cuda.current_device())
+    return model
+
+
+def apply_lora(model, stage: TrainStageConfig):
+    """Wrap `model` with a fresh LoRA adapter (QLoRA when the base is quantised)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=stage.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    targets = stage.lora_target_modules
+    config = LoraConfig(
+        r=stage.lora_r,
+        lora_alpha=stage.lora_alpha,
+        lora_dropout=stage.lora_dropout,
+        target_modules=targets,
+        use_dora=stage.use_dora,
+        use_rslora=stage.use_rslora,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(
+            f"LoRA could not be applied: {str(e).splitlines()[0]}",
+            key=f"stage_configs.{stage.stage_name}.lora_target_modules",
+            hint='use "all-linear" or module names of this architecture (e.g. q_proj, v_proj)',
+        ) from None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) without the input-grad hack.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+def apply_liger(model) -> None:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UserError("use_liger_kernel needs liger-kernel", key="use_liger_kernel", hint="pip install 'lmpipeline[gpu]'") from None
+    if not torch.cuda.is_available():
+        raise UserError("Liger kernels are Triton GPU kernels and no CUDA GPU is visible", key="use_liger_kernel")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base)

@@ -1,0 +1,135 @@
+"""Atomic checkpoints: everything needed to continue a run exactly, written all-or-nothing.
+
+A checkpoint is written under `checkpoint-N.tmp`, every file fsynced, then renamed to `checkpoint-N`;
+a kill in the middle leaves only a .tmp folder, which is ignored and cleaned up, so the previous
+checkpoint stays the one a resume uses. Only the main process writes.
+
+Contents: trainable weights (adapter or full model, safetensors), optimizer, scheduler, the RNG
+states of python/numpy/torch, and trainer_state.json (step, epoch, position in the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict, tokenizer=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"checkpoint-{step}"
+    tmp = folder / f"checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    # RNG states hold numpy arrays and tuples: a trusted file we wrote ourselves (see load below).
+    torch.save(rng_state(), tmp / "rng_state.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_tree(folder)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Unfinished .tmp folders are not checkpoints."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    ckpts = list_checkpoints(folder)
+    return ckpts[-1] if ckpts else None
+
+
+def rotate_checkpoints(folder: Path, keep: int | None) -> None:
+    """Delete the oldest checkpoints beyond `keep`; the newest complete one is never deleted."""
+    for p in folder.glob("checkpoint-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    if not keep:
+        return
+    ckpts = list_checkpoints(folder)
+    for p in ckpts[: max(0, len(ckpts) - max(keep, 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainable_weights(model, ckpt: Path) -> None:
+    """Put a checkpoint's trainable weights back into `model` (adapter or full weights)."""
+    from safetensors.torch import load_file
+
+    adapter = ckpt / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    state = {}
+    for f in sorted(ckpt.glob("model*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (lm_head = embeddings) are saved once; anything else missing is a broken checkpoint.
+    real_missing = [k for k in missing if "lm_head" not in k]
+    if real_missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler) -> dict:
+    load_trainable_weights(model, ckpt)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
+    # weights_only=False: the RNG file holds numpy state, and it is our own file inside our run folder.
+    set_rng_state(torch.load(ckpt / "rng_state.pt", map_location="cpu", weights_only=False))
+    return json.loads((ckpt / STATE_FILE).read_text())
