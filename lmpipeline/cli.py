@@ -3,6 +3,7 @@
     lmpipeline run CONFIG [--set KEY=VALUE ...] [--overwrite | --resume]
     lmpipeline validate CONFIG [--set ...] [--config-only]
     lmpipeline data inspect CONFIG [--stage S] [-n N] [--jsonl]
+    lmpipeline eval | generate | chat | merge | package | report ...   (lmpipeline/commands/)
     python -m lmpipeline --config CONFIG [--set ...]        (seed 001's form of `run`)
 """
 
@@ -65,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
     insp.add_argument("--jsonl", action="store_true", help="one JSON object per example: input_ids and labels")
     insp.add_argument("--packed", action="store_true", help="show one packed batch as well")
+
+    from lmpipeline.commands import chat_cmd, eval_cmd, generate, merge_cmd, package_cmd, report_cmd
+
+    for module in (eval_cmd, generate, chat_cmd, merge_cmd, package_cmd, report_cmd):
+        module.add_parser(sub)
+    run.add_argument("--pilot", nargs="?", const=100, type=int, metavar="STEPS",
+                     help="pilot (seed 002): the first training stage for STEPS steps (default 100) on the golden "
+                          "set, then eval, sample generations and whether the loss fell")
     return parser
 
 
@@ -76,12 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if getattr(args, "func", None) is not None:
+            return args.func(args)
         if args.command is None:
             if not args.config:
                 parser.print_help()
                 return 2
             return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume)
         if args.command == "run":
+            if args.pilot:
+                from lmpipeline.evaluate.pilot import run_pilot
+
+                run_pilot(args.config, args.overrides, steps=args.pilot, overwrite=args.overwrite)
+                return 0
             return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume)
         if args.command == "validate":
             from lmpipeline.commands.validate import validate_command

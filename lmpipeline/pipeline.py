@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lmpipeline.config.loader import key_location
 from lmpipeline.config.schema import STAGE_ALIASES, PipelineConfig
+from lmpipeline.context import RunContext, StageOutput, StageResult
 from lmpipeline.errors import OutputExistsError, UserError
 from lmpipeline.models.loading import check_model_reference
 from lmpipeline.train.runtime import SECRET_ENV
@@ -128,18 +129,55 @@ def check_references(cfg: PipelineConfig) -> None:
         raise UserError(str(e).split(": ", 1)[-1], key="model_name_or_path", where=key_location(cfg, "model_name_or_path")) from None
 
 
+def completed_stages(record: dict) -> list[StageOutput]:
+    """The finished stages of a run record, in order, as later stages see them."""
+    return [
+        StageOutput(name, e.get("kind", ""), Path(e["final_dir"]) if e.get("final_dir") else None,
+                    bool(e.get("adapter")), e.get("metrics") or {})
+        for name, e in record["stages"].items() if e.get("status") == "done"
+    ]
+
+
+def run_stage(kind: str, stage_cfg, cfg: PipelineConfig, out: Path, record: dict, *, resume: bool) -> StageResult:
+    """Run one stage. Training stages start from the latest model-producing stage (or the base)."""
+    ctx = RunContext(run_dir=out, base_model=cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path,
+                     torch_dtype=cfg.torch_dtype, completed=completed_stages(record))
+    if kind in ("eval", "merge", "package"):
+        from lmpipeline.evaluate.stage import EvalStage
+        from lmpipeline.export.merge import MergeStage
+        from lmpipeline.export.package import PackageStage
+
+        return {"eval": EvalStage, "merge": MergeStage, "package": PackageStage}[kind](stage_cfg).execute(ctx)
+
+    from lmpipeline.models.loading import load_tokenizer
+
+    previous = ctx.latest_model()
+    tokenizer_name = cfg.tokenizer_name_or_path or (str(previous.final_dir) if previous else cfg.model_name_or_path)
+    tokenizer = load_tokenizer(tokenizer_name, eos_token=stage_cfg.eos_token, pad_token=stage_cfg.pad_token,
+                               trust_remote_code=stage_cfg.trust_remote_code)
+    if kind == "sft":
+        from lmpipeline.methods.sft import SFTStage
+
+        # A later SFT stage continues from the previous model (an adapter folder names its own base).
+        start = str(previous.final_dir) if previous else cfg.model_name_or_path
+        return SFTStage(stage_cfg).execute(tokenizer=tokenizer, model_name_or_path=start,
+                                           torch_dtype=cfg.torch_dtype, resume=resume)
+    if kind == "dpo":
+        from lmpipeline.methods.dpo import DPOStage
+
+        return DPOStage(stage_cfg).execute(tokenizer=tokenizer, model_name_or_path=cfg.model_name_or_path,
+                                           torch_dtype=cfg.torch_dtype, resume=resume, previous=previous)
+    raise UserError(f"unknown stage kind `{kind}`", key="stages")
+
+
 def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwrite: bool = False,
                  resume: bool = False) -> dict:
     """Run every stage; returns the run record (also written to output_dir/run.json)."""
-    from lmpipeline.methods.sft import SFTStage
-    from lmpipeline.models.loading import load_tokenizer
-
     check_references(cfg)
     out, derived = resolve_output_dir(cfg, config_path)
     prepare_output_dir(out, overwrite=overwrite, resume=resume)
     _attach_log_file(out / "run.log")
 
-    previous = None
     record_path = out / RUN_FILE
     if resume and record_path.exists():
         record = RunRecord(record_path, json.loads(record_path.read_text()))
@@ -156,47 +194,46 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
         })
     record.save()
 
-    model_path = cfg.model_name_or_path
     for name in cfg.stages:
         kind = STAGE_ALIASES[name]
         stage_cfg = cfg.stage(name).model_copy(update={"output_dir": str(out / name), "stage_name": name})
         entry = record.data["stages"].get(name, {})
-        if resume and entry.get("status") == "done" and Path(entry.get("final_dir", "")).exists():
+        if resume and entry.get("status") == "done" and (entry.get("final_dir") is None or Path(entry["final_dir"]).exists()):
             log.info("[%s] already done in this run: skipping", name)
-            previous = entry
-            model_path = entry.get("next_model", model_path)
             continue
-        entry.update({"kind": kind, "status": "running", "started": _now(), "model": model_path})
+        latest = RunContext(out, cfg.model_name_or_path, completed=completed_stages(record.data)).latest_model()
+        # The model this stage starts from: how later tools rebuild adapter chains from run.json.
+        start = str(latest.final_dir) if latest else cfg.model_name_or_path
+        entry.update({"kind": kind, "status": "running", "started": _now(), "model": start})
         record.data["stages"][name] = entry
         record.save()
-        log.info("[%s] starting (%s) from %s", name, kind, model_path)
-        if kind == "sft":
-            tokenizer_name = cfg.tokenizer_name_or_path or model_path
-            tokenizer = load_tokenizer(tokenizer_name, eos_token=stage_cfg.eos_token, pad_token=stage_cfg.pad_token,
-                                       trust_remote_code=stage_cfg.trust_remote_code)
-            result = SFTStage(stage_cfg).execute(tokenizer=tokenizer, model_name_or_path=model_path,
-                                                 torch_dtype=cfg.torch_dtype, resume=resume)
-        else:
-            raise UserError(f"stage kind `{kind}` is not available yet", key=f"stages.{name}")
+        log.info("[%s] starting (%s)", name, kind)
+        result = run_stage(kind, stage_cfg, cfg, out, record.data, resume=resume)
         entry.update({
             "status": "done",
             "finished": _now(),
-            "final_dir": str(result.final_dir),
+            "final_dir": str(result.final_dir) if result.final_dir is not None else None,
+            "adapter": result.adapter,
             "global_step": result.global_step,
             "metrics": result.metrics,
             "data": result.data,
-            "adapter": stage_cfg.use_lora,
+            "notes": result.notes,
         })
-        record.save()
-        previous = entry
-        # A later stage starts from this one's output (an adapter folder names its own base model).
-        model_path = str(result.final_dir)
-        entry["next_model"] = model_path
         record.save()
     record.data["finished"] = _now()
     record.save()
-    del previous
+    _write_report(out)
     return record.data
+
+
+def _write_report(out: Path) -> None:
+    # The report is a view of the run; failing to draw it must not fail a finished run.
+    try:
+        from lmpipeline.report.html import write_report
+
+        log.info("report: %s", write_report(out))
+    except Exception as e:  # noqa: BLE001
+        log.warning("report.html could not be written: %s", e)
 
 
 class _SecretFilter(logging.Filter):

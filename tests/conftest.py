@@ -42,3 +42,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+# LMPIPELINE_TEST_TINY_MODEL points the tests at another small model folder (e.g. while rebuilding the asset).
+TINY_MODEL = Path(os.environ.get("LMPIPELINE_TEST_TINY_MODEL") or REPO_ROOT / "lmpipeline" / "assets" / "tiny-chat")
+QUICKSTART_DATA = REPO_ROOT / "examples" / "data" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The embedded tiny chat model (lmpipeline/assets/tiny-chat)."""
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def quickstart_data() -> Path:
+    return QUICKSTART_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own tokenised-data cache, never the user's ~/.cache."""
+    monkeypatch.setenv("LMPIPELINE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lmcache"))
+    monkeypatch.setenv("LMPIPELINE_NO_PROGRESS", "1")

@@ -12,7 +12,7 @@ import statistics
 import sys
 
 from lmpipeline.config.loader import load_config
-from lmpipeline.config.schema import STAGE_ALIASES
+from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
 from lmpipeline.errors import UserError
 
 
@@ -30,8 +30,8 @@ def inspect_command(config: str, overrides: list[str], *, stage: str | None, n: 
     from lmpipeline.models.loading import load_tokenizer
 
     cfg = load_config(config, overrides)
-    name = stage or next((s for s in cfg.stages if s in STAGE_ALIASES), None)
-    if name is None or name not in cfg.stages:
+    name = stage or next((s for s in cfg.stages if STAGE_ALIASES[s] in TRAINING_KINDS), None)
+    if name is None or name not in cfg.stages or STAGE_ALIASES[name] not in TRAINING_KINDS:
         raise UserError(f"no training stage `{stage}` in this config; stages: {', '.join(cfg.stages)}", key="--stage")
     stage_cfg = cfg.stage(name)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, eos_token=stage_cfg.eos_token,
@@ -39,12 +39,12 @@ def inspect_command(config: str, overrides: list[str], *, stage: str | None, n: 
     color = sys.stdout.isatty() and not as_jsonl
 
     if STAGE_ALIASES[name] == "dpo":
-        from lmpipeline.data.preference import build_preference_data
+        from lmpipeline.data.preference import build_preference_data, pair_as_example
 
         pairs = build_preference_data(stage_cfg, tokenizer).train
         for pair in pairs[:n]:
-            chosen = masking.pair_as_example(pair, "chosen")
-            rejected = masking.pair_as_example(pair, "rejected")
+            chosen = pair_as_example(pair, "chosen")
+            rejected = pair_as_example(pair, "rejected")
             if as_jsonl:
                 print(json.dumps({"source": str(pair.source), "chosen_input_ids": chosen.input_ids, "chosen_labels": chosen.labels,
                                   "rejected_input_ids": rejected.input_ids, "rejected_labels": rejected.labels}))

@@ -7,7 +7,7 @@ as file:line: reason, then a summary); 2 for config errors (raised as ConfigErro
 from __future__ import annotations
 
 from lmpipeline.config.loader import load_config
-from lmpipeline.config.schema import STAGE_ALIASES
+from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
 
 
 def validate_command(config: str, overrides: list[str], *, config_only: bool = False) -> int:
@@ -27,6 +27,8 @@ def validate_command(config: str, overrides: list[str], *, config_only: bool = F
 
     failed = False
     for name in cfg.stages:
+        if STAGE_ALIASES[name] not in TRAINING_KINDS:
+            continue  # eval/merge/package read their inputs from earlier stages
         stage = cfg.stage(name)
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, eos_token=stage.eos_token,
                                    pad_token=stage.pad_token, trust_remote_code=stage.trust_remote_code)

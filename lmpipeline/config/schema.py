@@ -13,7 +13,10 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 # Stage kinds and the names that select them. `trl_sft` is seed 001's name for the SFT stage.
-STAGE_ALIASES = {"trl_sft": "sft", "sft": "sft", "dpo": "dpo", "trl_dpo": "dpo"}
+STAGE_ALIASES = {
+    "trl_sft": "sft", "sft": "sft", "dpo": "dpo", "trl_dpo": "dpo",
+    "eval": "eval", "merge": "merge", "package": "package",
+}
 
 OPTIMIZERS = (
     "adamw_torch",
@@ -238,7 +241,9 @@ class DPOConfig(TrainStageConfig):
         "sigmoid", description="Preference loss (see lmpipeline/methods/losses.py for the papers)."
     )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO / cDPO smoothing.")
-    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin (gamma / beta ratio).")
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="SimPO target reward margin gamma, as TRL CPO's (SimPO code: gamma_beta_ratio x beta)."
+    )
     max_prompt_length: Optional[int] = Field(
         None, gt=0, description="Prompt tokens kept (left-truncated); rest of max_seq_length for replies."
     )
@@ -256,7 +261,8 @@ class DPOConfig(TrainStageConfig):
     )
 
 
-STAGE_CONFIG_CLASSES: dict[str, type[TrainStageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+STAGE_CONFIG_CLASSES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig}
+TRAINING_KINDS = ("sft", "dpo")
 
 
 class PipelineConfig(_Strict):
@@ -283,7 +289,13 @@ class PipelineConfig(_Strict):
     def stage_kinds(self) -> dict[str, str]:
         return {name: STAGE_ALIASES[name] for name in self.stages if name in STAGE_ALIASES}
 
-    def stage(self, name: str) -> TrainStageConfig:
+    def stage(self, name: str):
         """The typed config of stage `name` (validated by `load_config`)."""
         cls = STAGE_CONFIG_CLASSES[STAGE_ALIASES[name]]
         return cls(stage_name=name, **self.stage_configs.get(name, {}))
+
+
+# Evaluation, merging and packaging stages keep their configs in their own module.
+from lmpipeline.config.lifecycle import LIFECYCLE_CONFIG_CLASSES  # noqa: E402
+
+STAGE_CONFIG_CLASSES.update(LIFECYCLE_CONFIG_CLASSES)

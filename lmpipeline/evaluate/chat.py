@@ -1,0 +1,178 @@
+"""Interactive chat with a trained model (seed 004's inference.py interactive mode).
+
+A ChatSession keeps the conversation (multi-turn history), renders it with the chat template,
+generates the next assistant turn and streams its tokens as they come (transformers' TextStreamer,
+written to any text stream). `run_chat` is the read-eval-print loop over lines of input:
+
+    /reset         forget the conversation (the system prompt stays)
+    /system TEXT   set the system prompt (empty TEXT removes it) and start over
+    /history       print the conversation so far
+    /help          list the commands
+    /exit, /quit   leave (so does end of input, Ctrl-D)
+
+Sampling: temperature > 0 samples with top_p; temperature 0 is greedy. When the conversation would
+not fit the model's context (max_position_embeddings) with room for max_new_tokens, the oldest turns
+are dropped from what the model sees (the history keeps them) and a note says how many.
+Ctrl-C during an answer stops that answer and discards the turn; at the prompt it leaves.
+Needs a chat template (the tokenizer's, or chat_template); raises UserError otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from lmpipeline.errors import UserError
+from lmpipeline.evaluate import generation as gen
+
+HELP = "commands: /reset, /system TEXT, /history, /help, /exit"
+
+
+def _streamer(tokenizer, out: TextIO):
+    from transformers import TextStreamer
+
+    class _WriterStreamer(TextStreamer):
+        # TextStreamer prints to sys.stdout; the loop may run on any stream (a pty, a test's pipe).
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            out.write(text)
+            out.flush()
+
+    return _WriterStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+class ChatSession:
+    """A conversation with one model: history, system prompt and streamed replies."""
+
+    def __init__(self, model, tokenizer, *, chat_template: str | None = None, system: str | None = None,
+                 max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = gen.resolve_template(tokenizer, chat_template=chat_template)
+        if self.template is None:
+            raise UserError("this model's tokenizer has no chat template, so a conversation cannot be rendered",
+                            key="chat_template", hint="pass --chat-template NAME (e.g. chatml) or a Jinja file")
+        self.system = system or None
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.history: list[dict] = []
+        self.dropped_turns = 0
+
+    def reset(self) -> None:
+        self.history = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = (text or "").strip() or None
+        self.reset()
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def _fit(self) -> list[int]:
+        """Prompt ids of the conversation, dropping the oldest turns while it overflows the context."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        turns = list(self.history)
+        dropped = 0
+        while True:
+            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + turns
+            ids = gen.encode_prompt(self.tokenizer, self.template, msgs)
+            if limit is None or len(ids) + self.max_new_tokens <= limit or len(turns) <= 1:
+                self.dropped_turns = dropped
+                return ids
+            # Drop a whole user/assistant exchange so the conversation still starts with a user turn.
+            turns = turns[2:] if len(turns) > 2 else turns[1:]
+            dropped += 1
+
+    def reply(self, text: str, stream: TextIO | None = None) -> str:
+        """Add a user turn, generate (streaming to `stream`), add and return the assistant turn."""
+        import torch
+
+        self.history.append({"role": "user", "content": text})
+        try:
+            ids = self._fit()
+            cfg = gen.generation_config(self.tokenizer, self.template, max_new_tokens=self.max_new_tokens,
+                                        do_sample=self.temperature > 0, temperature=self.temperature or 1.0,
+                                        top_p=self.top_p)
+            device = next(self.model.parameters()).device
+            input_ids = torch.tensor([ids], device=device)
+            with torch.no_grad():
+                out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          generation_config=cfg,
+                                          streamer=_streamer(self.tokenizer, stream) if stream is not None else None)
+        except BaseException:
+            self.history.pop()  # an interrupted or failed answer leaves no half turn behind
+            raise
+        new = out[0, input_ids.shape[1]:].tolist()
+        stops = set(gen.stop_token_ids(self.tokenizer, self.template))
+        cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+        answer = self.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def run_chat(session: ChatSession, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
+             prompt: str = ">>> ", banner: str | None = None) -> int:
+    """The interactive loop; returns 0 when the user leaves."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    use_input = stdin is sys.stdin and stdout is sys.stdout and sys.stdin.isatty()
+    if use_input:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+
+    def say(text: str) -> None:
+        stdout.write(text + "\n")
+        stdout.flush()
+
+    say(banner or f"chat ready. {HELP}")
+    while True:
+        try:
+            if use_input:
+                line = input(prompt)
+            else:
+                stdout.write(prompt)
+                stdout.flush()
+                line = stdin.readline()
+                if not line:
+                    say("")
+                    return 0
+        except EOFError:
+            say("")
+            return 0
+        except KeyboardInterrupt:
+            say("")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            cmd = cmd.lower()
+            if cmd in ("/exit", "/quit"):
+                return 0
+            if cmd == "/reset":
+                session.reset()
+                say("[conversation reset]")
+            elif cmd == "/system":
+                session.set_system(arg)
+                say(f"[system prompt {'set' if session.system else 'removed'}; conversation reset]")
+            elif cmd == "/history":
+                msgs = session.messages()
+                say(f"[{len(session.history)} message(s) in history]")
+                for m in msgs:
+                    say(f"{m['role']}: {m['content']}")
+            elif cmd == "/help":
+                say(HELP)
+            else:
+                say(f"[unknown command {cmd}; {HELP}]")
+            continue
+        try:
+            session.reply(line, stream=stdout)
+        except KeyboardInterrupt:
+            say("\n[answer interrupted; turn discarded]")
+            continue
+        say("")
+        if session.dropped_turns:
+            say(f"[{session.dropped_turns} earliest exchange(s) left out to fit the context]")

@@ -1,0 +1,158 @@
+"""The model card (README.md) of a package: Hub front matter, what was trained, numbers, usage code.
+
+Front matter follows the Hub's model-card metadata: base_model (only when it is a Hub id; a local path
+is not valid there and is named in the text instead), library_name (peft for adapters, transformers
+for full weights), pipeline_tag, tags, license when known, datasets when they are Hub names.
+The usage code loads what the archive holds: one adapter on its base (PeftModel.from_pretrained, as
+seed 000 shows), a chain of adapters merged in order, or full weights with AutoModelForCausalLM.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    if not name or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        return False
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts)
+
+
+def front_matter(meta: dict, *, tags: list[str], license: str | None) -> dict:
+    fm: dict = {}
+    if looks_like_hub_id(meta.get("base_model")):
+        fm["base_model"] = meta["base_model"]
+    fm["library_name"] = "peft" if meta["content"] in ("adapter", "adapter_chain") else "transformers"
+    fm["pipeline_tag"] = "text-generation"
+    fm["tags"] = tags
+    if license:
+        fm["license"] = license
+    datasets = sorted({d for d in meta.get("datasets", []) if looks_like_hub_id(d) and "." not in Path(d).name})
+    if datasets:
+        fm["datasets"] = datasets
+    return fm
+
+
+def card_tags(meta: dict, extra: list[str]) -> list[str]:
+    tags = ["lmpipeline"]
+    kinds = [s["kind"] for s in meta.get("stages", [])]
+    for k in ("sft", "dpo"):
+        if k in kinds:
+            tags.append(k)
+    if meta["content"] in ("adapter", "adapter_chain") or any(s.get("adapter") for s in meta.get("stages", [])):
+        tags.append("lora")
+    if any((s.get("hyperparameters") or {}).get("use_4bit") for s in meta.get("stages", [])):
+        tags.append("qlora")
+    for t in extra:
+        if t not in tags:
+            tags.append(t)
+    return tags
+
+
+def _num(v) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def usage_code(meta: dict, location: str, *, subfolder_arg: bool) -> str:
+    """Python that loads the packaged model from `location` (a folder or a Hub id)."""
+    base = meta.get("base_model") or "BASE_MODEL"
+    content = meta["content"]
+    gen = (
+        'messages = [{"role": "user", "content": "Explain machine learning in one paragraph."}]\n'
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+        "                                       return_dict=True).to(model.device)\n"
+        "outputs = model.generate(**inputs, max_new_tokens=256)\n"
+        'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
+    )
+    if content == "adapter":
+        return (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "from peft import PeftModel\n\n"
+            f'base_model = AutoModelForCausalLM.from_pretrained("{base}", device_map="auto")\n'
+            f'model = PeftModel.from_pretrained(base_model, "{location}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n\n' + gen
+        )
+    if content == "adapter_chain":
+        folders = [a["folder"] for a in meta["adapters"]]
+        if subfolder_arg:
+            load = (f'    model = PeftModel.from_pretrained(model, "{location}", subfolder=folder)\n')
+            tok = f'tokenizer = AutoTokenizer.from_pretrained("{location}", subfolder="{folders[-1]}")\n'
+        else:
+            load = f'    model = PeftModel.from_pretrained(model, f"{location}/{{folder}}")\n'
+            tok = f'tokenizer = AutoTokenizer.from_pretrained("{location}/{folders[-1]}")\n'
+        return (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "from peft import PeftModel\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{base}", device_map="auto")\n'
+            "# Each adapter was trained on top of the previous one: apply them in this order.\n"
+            f"for folder in {folders!r}:\n" + load +
+            "    model = model.merge_and_unload()\n" + tok + "\n" + gen
+        )
+    return (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{location}", device_map="auto")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n\n' + gen
+    )
+
+
+def render_card(meta: dict, *, tags: list[str] | None = None, license: str | None = None,
+                description: str | None = None, hub_repo_id: str | None = None) -> str:
+    """README.md text for a package described by `meta` (package.collect_metadata's dict)."""
+    tags = card_tags(meta, tags or [])
+    fm = front_matter(meta, tags=tags, license=license)
+    lines = ["---", yaml.safe_dump(fm, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+    name = meta.get("name", "model")
+    lines.append(f"# {name}")
+    lines.append("")
+    what = {"adapter": "a LoRA adapter", "adapter_chain": "a chain of LoRA adapters (apply in order)",
+            "merged": "full weights (LoRA adapters merged into the base)", "full": "full weights"}[meta["content"]]
+    chain = " → ".join(f"{s['name']} ({s['kind']})" for s in meta.get("stages", []))
+    lines.append(description or f"Post-trained from `{meta.get('base_model')}` with lmpipeline: {chain or 'no stage record'}.")
+    lines.append("")
+    lines.append(f"This package holds {what}, in `{meta['model_dir']}/`.")
+    lines.append("")
+    for w in meta.get("warnings", []):
+        lines.append(f"> **Note:** {w}")
+        lines.append("")
+
+    lines += ["## Usage", ""]
+    if hub_repo_id:
+        lines += ["From the Hub:", "", "```python",
+                  usage_code(meta, hub_repo_id, subfolder_arg=True).rstrip(), "```", ""]
+    lines += ["From the extracted archive (`lmpipeline package --verify` checks it first):", "", "```python",
+              usage_code(meta, f"./{name}/{meta['model_dir']}", subfolder_arg=False).rstrip(), "```", "",
+              f"Or chat with it: `lmpipeline chat ./{name}` (the extracted folder; adapters are applied as above)", ""]
+
+    stages = meta.get("stages", [])
+    if stages:
+        lines += ["## Training", "", "| stage | kind | steps | adapter | data fingerprint |", "|---|---|---|---|---|"]
+        for s in stages:
+            fp = (s.get("data_fingerprint") or "-")
+            lines.append(f"| {s['name']} | {s['kind']} | {s.get('global_step', '-')} | {'yes' if s.get('adapter') else 'no'} "
+                         f"| `{fp[:16]}` |")
+        lines.append("")
+        for s in stages:
+            hp = s.get("hyperparameters") or {}
+            if hp:
+                lines += [f"<details><summary>{s['name']} hyper-parameters</summary>", "", "```yaml",
+                          yaml.safe_dump(hp, sort_keys=True, allow_unicode=True).rstrip(), "```", "", "</details>", ""]
+    ev = meta.get("evaluation") or []
+    if ev:
+        cols = [c for c in ("eval_loss", "eval_perplexity", "exact_match", "rouge_l", "bleu", "gen_tokens_mean")
+                if any(c in r for r in ev)]
+        lines += ["## Evaluation", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for r in ev:
+            lines.append(f"| {r.get('name')} | " + " | ".join(_num(r.get(c, '-')) for c in cols) + " |")
+        lines.append("")
+    lines += ["## Files", "", "`metadata.json` lists the base model, every stage's hyper-parameters, data fingerprints, "
+              "metrics, package versions and the sha256 of every file; `requirements.txt` the packages to load it.", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["render_card", "usage_code", "front_matter", "card_tags", "looks_like_hub_id"]

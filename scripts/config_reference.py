@@ -1,0 +1,68 @@
+"""Write docs/config.md from the config schema, so the reference can never drift from the code.
+
+    python scripts/config_reference.py          # rewrite docs/config.md
+    python scripts/config_reference.py --check  # exit 1 if it is stale (used by the tests)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lmpipeline.config import schema  # noqa: E402
+
+SECTIONS = [
+    ("Top level (pipeline form)", schema.PipelineConfig, None),
+    ("Training stages: shared keys (`sft`/`trl_sft`, `dpo`)", schema.TrainStageConfig, None),
+    ("`sft` only", schema.SFTConfig, schema.TrainStageConfig),
+    ("`dpo` only (and changed defaults)", schema.DPOConfig, schema.TrainStageConfig),
+    ("A dataset in a mixture (`dataset_name_or_path: [...]`)", schema.DatasetSpec, None),
+]
+
+
+def _default(field) -> str:
+    if field.default is PydanticUndefined:
+        return "(required)" if field.default_factory is None else ""
+    if field.default is None:
+        return ""
+    return f"`{field.default}`"
+
+
+def table(cls: type[BaseModel], parent: type[BaseModel] | None) -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, f in cls.model_fields.items():
+        if name in ("stage_name", "output_dir") and cls is not schema.PipelineConfig:
+            continue
+        if parent is not None and name in parent.model_fields and parent.model_fields[name].default == f.default:
+            continue
+        lines.append(f"| `{name}` | {_default(f)} | {(f.description or '').replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def render() -> str:
+    parts = [
+        "# Config reference",
+        "",
+        "Generated from `lmpipeline/config/schema.py` by `scripts/config_reference.py`; do not edit by hand.",
+        "Unknown keys are errors. Seed 000's sectioned form (`model:`, `lora:`, `training:`, `dataset:`) is",
+        "translated to these keys (see `SECTIONED_KEYS` in `lmpipeline/config/loader.py`).",
+        "",
+    ]
+    for title, cls, parent in SECTIONS:
+        parts += [f"## {title}", "", table(cls, parent), ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    target = ROOT / "docs" / "config.md"
+    text = render()
+    if "--check" in sys.argv:
+        sys.exit(0 if target.exists() and target.read_text() == text else 1)
+    target.write_text(text)
+    print(f"wrote {target}")
