@@ -18,6 +18,10 @@ def __getattr__(name):
         from lmpipeline.methods import sft
 
         return getattr(sft, name)
+    if name == "DPOStage":
+        from lmpipeline.methods.dpo import DPOStage
+
+        return DPOStage
     if name == "run_pipeline":
         from lmpipeline.pipeline import run_pipeline
 
@@ -25,4 +29,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["load_config", "PipelineConfig", "SFTConfig", "DPOConfig", "SFTStage", "StageResult", "run_pipeline"]
+__all__ = ["load_config", "PipelineConfig", "SFTConfig", "DPOConfig", "SFTStage", "DPOStage", "StageResult", "run_pipeline"]

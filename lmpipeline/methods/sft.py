@@ -29,7 +29,7 @@ from lmpipeline.data.build import SFTData, build_sft_data, make_batch_plans
 from lmpipeline.errors import UserError
 from lmpipeline.models import loading
 from lmpipeline.train.loop import train
-from lmpipeline.train.runtime import make_accelerator, seed_everything
+from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,15 @@ class SFTObjective:
         return loss, {"loss": float(loss.detach()) * total_units, "units": n}
 
 
-def save_final(model, tokenizer, final_dir: Path) -> None:
-    """Write the stage's model atomically: adapter (or full weights) and tokenizer, safetensors only."""
+def save_final(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> None:
+    """Write the stage's model atomically: adapter (or full weights) and tokenizer, safetensors only.
+
+    `state_dict`: the gathered full weights when the model is sharded across ranks (FSDP2, ZeRO-3).
+    """
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     if final_dir.exists():
         shutil.rmtree(final_dir)
@@ -119,8 +122,9 @@ class SFTStage:
             accelerator.end_training()
 
         final_dir = out / "final"
+        state_dict = full_state_dict(accelerator, model)  # sharded runs: a gather every rank joins
         if accelerator.is_main_process:
-            save_final(accelerator.unwrap_model(model), tokenizer, final_dir)
+            save_final(accelerator.unwrap_model(model), tokenizer, final_dir, state_dict=state_dict)
         accelerator.wait_for_everyone()
         metrics = dict(result.metrics)
         self.model = accelerator.unwrap_model(model)

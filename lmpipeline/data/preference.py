@@ -1,0 +1,345 @@
+"""Preference data for a dpo stage: tokenised pairs, and the micro-batches the training loop consumes.
+
+    read rows (build.load_examples: any preference format -> PreferenceExample)
+      -> render with the chat template, split prompt / chosen / rejected (masking.tokenize_preference)
+      -> over-long policy (on_overlong, max_seq_length, max_prompt_length) -> cache -> batch plans
+
+Supported: every preference format the data layer reads (preference, hh_rlhf, ultrafeedback,
+ultrafeedback_binarized, sharegpt_preference, preference_messages), with several sources mixed,
+and an eval set from eval_dataset_name_or_path or validation_split_ratio.
+
+Lengths: a pair's longest sequence is prompt + max(chosen, rejected). With on_overlong "truncate"
+the prompt keeps its LAST max_prompt_length tokens (when set), then each completion keeps its first
+max_seq_length - len(prompt) tokens (the same rule as masking.tokenize_preference and TRL's
+keep_start on the completion). A pair whose prompt alone leaves no room, or whose two completions
+become identical after truncation, is dropped and counted; "drop" drops over-long pairs; "error"
+raises. Every count ends in PreferenceData.report and in run.json.
+
+Batches (`make_pair_plans`): a micro-batch is per_device_train_batch_size PAIRS. Its tensors are
+2 x pairs rows, chosen rows first then rejected rows (TRL's layout), right-padded:
+    input_ids        [2B, T]   prompt + completion, pad_token_id after the end
+    attention_mask   [2B, T]   1 on real tokens
+    completion_mask  [2B, T]   1 on completion tokens only (the prompt never counts)
+    ref_chosen_logps, ref_rejected_logps [B]   only when reference log-probs were precomputed
+The order is a deterministic shuffle of pairs per epoch (seed + epoch), as for SFT.
+
+Raised: UserError (with the config key) for non-preference data, no usable pairs, an over-long pair
+under on_overlong: error, and any invalid row under on_invalid: error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lmpipeline.config.schema import DPOConfig
+from lmpipeline.data import cache, masking, validate
+from lmpipeline.data.build import _key, chat_template_for, load_examples
+from lmpipeline.data.types import (
+    IGNORE_INDEX,
+    DataError,
+    DataReport,
+    PreferenceExample,
+    Source,
+    TokenizedExample,
+    TokenizedPair,
+)
+from lmpipeline.errors import UserError
+from lmpipeline.train.loop import BatchPlan
+
+log = logging.getLogger(__name__)
+
+PAIR_CACHE_VERSION = 1
+
+
+@dataclass
+class PreferenceData:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair] | None
+    report: DataReport
+    formats: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    cache_hit: bool = False
+    chat_template: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ev = f", {len(self.eval)} eval" if self.eval is not None else ""
+        return (f"{len(self.train)} train pairs{ev} ({pair_tokens(self.train):,} tokens); format "
+                f"{'+'.join(self.formats)}; {self.report.summary()}; cache {'hit' if self.cache_hit else 'miss'}")
+
+    def describe(self) -> dict:
+        return {
+            "formats": self.formats,
+            "fingerprint": self.fingerprint,
+            "cache_hit": self.cache_hit,
+            "train_pairs": len(self.train),
+            "eval_pairs": len(self.eval) if self.eval is not None else 0,
+            "train_tokens": pair_tokens(self.train),
+            "rows_read": self.report.total_rows,
+            "invalid_skipped": self.report.skipped_invalid,
+            "truncated": self.report.truncated,
+            "overlong_dropped": self.report.dropped_overlong,
+            "warnings": self.warnings,
+        }
+
+
+def pair_tokens(pairs: list[TokenizedPair]) -> int:
+    """Tokens through the model for these pairs: the prompt twice, each completion once."""
+    return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+
+
+def pair_as_example(pair: TokenizedPair, which: str) -> TokenizedExample:
+    """One side of a pair as the model sees it: prompt + completion, labels only on the completion
+    (for `lmpipeline data inspect` and masking checks)."""
+    if which not in ("chosen", "rejected"):
+        raise ValueError(f"which must be 'chosen' or 'rejected', got {which!r}")
+    completion = pair.chosen_ids if which == "chosen" else pair.rejected_ids
+    ids = list(pair.prompt_ids) + list(completion)
+    labels = [IGNORE_INDEX] * len(pair.prompt_ids) + list(completion)
+    return TokenizedExample(ids, labels, pair.source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising
+
+
+def fit_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int | None) -> tuple[TokenizedPair, bool]:
+    """Truncate a pair to the limits (module docstring); returns (pair, whether anything was cut).
+    Raises DataError when the prompt leaves no room for the completions."""
+    prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+    cut = False
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt, cut = prompt[len(prompt) - max_prompt_length:], True
+    room = max_length - len(prompt)
+    if room < 1:
+        raise DataError(f"the prompt is {len(prompt)} tokens, leaving no room for the completions within "
+                        f"max_seq_length={max_length}; set max_prompt_length below max_seq_length", pair.source)
+    if len(chosen) > room or len(rejected) > room:
+        chosen, rejected, cut = chosen[:room], rejected[:room], True
+    return TokenizedPair(prompt, chosen, rejected, pair.source), cut
+
+
+def tokenize_pairs(examples, cfg: DPOConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
+    """Tokenise every example, apply on_overlong and count what it touched."""
+    out = []
+    for ex in examples:
+        if not isinstance(ex, PreferenceExample):
+            raise UserError(f"{ex.source}: {type(ex).__name__} rows are not preference pairs; a dpo stage needs "
+                            "rows with a prompt and chosen/rejected replies", key=_key(cfg, "dataset_name_or_path"),
+                            hint="give preference data (e.g. prompt/chosen/rejected), or train it in an sft stage")
+        try:
+            pair = masking.tokenize_preference(ex, tokenizer, template)
+        except DataError as e:
+            e = e if e.source is not None else DataError(e.reason, ex.source, e.key)
+            if cfg.on_invalid == "error":
+                raise UserError(str(e), key=_key(cfg, "dataset_name_or_path"), hint="fix the row, or set "
+                                "on_invalid: skip to drop such rows (they are counted)") from None
+            report.issues.append(e)
+            report.skipped_invalid += 1
+            continue
+        longest = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+        if longest > cfg.max_seq_length and cfg.on_overlong == "error":
+            raise UserError(f"{ex.source}: pair is {longest} tokens (prompt {len(pair.prompt_ids)}), over "
+                            f"max_seq_length={cfg.max_seq_length}", key=_key(cfg, "on_overlong"),
+                            hint="raise max_seq_length, or use on_overlong: truncate|drop")
+        if longest > cfg.max_seq_length and cfg.on_overlong == "drop":
+            report.dropped_overlong += 1
+            continue
+        try:
+            pair, cut = fit_pair(pair, cfg.max_seq_length, cfg.max_prompt_length)
+            if pair.chosen_ids == pair.rejected_ids:
+                raise DataError("chosen and rejected are identical after truncation to "
+                                f"{len(pair.chosen_ids)} completion tokens", ex.source)
+        except DataError as e:  # cut to nothing usable by the length limits: counted as dropped for length
+            report.issues.append(e)
+            report.dropped_overlong += 1
+            continue
+        report.truncated += int(cut)
+        out.append(pair)
+    return out
+
+
+def build_preference_data(cfg: DPOConfig, tokenizer) -> PreferenceData:
+    """Tokenised train (and eval) pairs for `cfg`, from the cache when the same inputs were seen."""
+    parts = dict(cache.fingerprint_inputs(cfg, tokenizer), pairs=PAIR_CACHE_VERSION)
+    cached = _load_pairs(parts)
+    if cached is not None:
+        train, eval_, meta = cached
+        if meta.get("chat_template"):
+            tokenizer.chat_template = meta["chat_template"]
+        return PreferenceData(train, eval_, DataReport(**meta["report"]), meta["formats"], meta["fingerprint"], True,
+                              meta.get("chat_template"), meta.get("warnings", []))
+    try:
+        examples, eval_examples, report, fmts = load_examples(cfg)
+    except DataError as e:
+        raise UserError(str(e), key=_key(cfg, "dataset_name_or_path"),
+                        hint="fix the rows, or set on_invalid: skip to drop them (they are counted)") from None
+    template = chat_template_for(cfg, tokenizer)
+    train = tokenize_pairs(examples, cfg, tokenizer, template, report)
+    eval_ = tokenize_pairs(eval_examples, cfg, tokenizer, template, report) if eval_examples else None
+    if not train:
+        raise UserError(f"no usable preference pairs after tokenisation ({report.summary()})",
+                        key=_key(cfg, "dataset_name_or_path"))
+    report.kept = len(train)
+    warnings = []
+    if report.dropped_overlong:
+        warnings.append(f"{report.dropped_overlong} pairs dropped for length (max_seq_length={cfg.max_seq_length}, "
+                        f"max_prompt_length={cfg.max_prompt_length})")
+    for w in warnings:
+        log.warning(w)
+    # The saved tokenizer must carry the template the model was trained with.
+    tokenizer.chat_template = template
+    fingerprint = _save_pairs(parts, train, eval_, {
+        "report": {k: getattr(report, k)
+                   for k in ("total_rows", "kept", "skipped_invalid", "truncated", "dropped_overlong")},
+        "formats": fmts, "chat_template": template, "warnings": warnings,
+    })
+    if report.issues:
+        log.warning("%d rows were skipped or changed; first ones:\n%s", len(report.issues),
+                    validate.format_report(report, max_issues=5))
+    return PreferenceData(train, eval_, report, fmts, fingerprint, False, template, warnings)
+
+
+def pairs_digest(pairs: list[TokenizedPair] | None) -> str:
+    """sha256 of the token ids of `pairs`, in order (what reference log-probs are computed on)."""
+    h = hashlib.sha256()
+    for p in pairs or []:
+        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            h.update(b"|")
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache: same key function and folder as the SFT token cache (data/cache.py), one .npz per entry.
+
+
+def _pack(pairs: list[TokenizedPair], prefix: str) -> dict:
+    out = {}
+    for part in ("prompt", "chosen", "rejected"):
+        seqs = [getattr(p, f"{part}_ids") for p in pairs]
+        out[f"{prefix}_{part}_ids"] = np.asarray([t for s in seqs for t in s], dtype=np.int64)
+        out[f"{prefix}_{part}_lengths"] = np.asarray([len(s) for s in seqs], dtype=np.int64)
+    return out
+
+
+def _unpack(arrays, prefix: str, sources: list) -> list[TokenizedPair]:
+    parts = {}
+    for part in ("prompt", "chosen", "rejected"):
+        ids, lengths = arrays[f"{prefix}_{part}_ids"], arrays[f"{prefix}_{part}_lengths"]
+        ends = np.cumsum(lengths)
+        parts[part] = [ids[e - n:e].tolist() for n, e in zip(lengths.tolist(), ends.tolist())]
+    return [TokenizedPair(pr, ch, rj, Source(*src) if src else None)
+            for pr, ch, rj, src in zip(parts["prompt"], parts["chosen"], parts["rejected"], sources)]
+
+
+def _sources(pairs) -> list:
+    return [[p.source.file, p.source.row, p.source.line] if p.source else None for p in pairs]
+
+
+def _save_pairs(parts: dict, train, eval_, meta: dict) -> str:
+    key = cache.cache_key(parts)
+    folder = cache.cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = _pack(train, "train")
+        if eval_ is not None:
+            arrays.update(_pack(eval_, "eval"))
+        meta = dict(meta, fingerprint=key, parts=parts, train_sources=_sources(train),
+                    eval_sources=_sources(eval_) if eval_ is not None else None)
+        tmp = folder / f"{key}.pairs.tmp.npz"
+        np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **arrays)
+        os.replace(tmp, folder / f"{key}.pairs.npz")
+    except OSError as e:  # a read-only or full disk must not stop training
+        log.warning("could not write the tokenised-pairs cache in %s: %s", folder, e)
+    return key
+
+
+def _load_pairs(parts: dict):
+    path = cache.cache_dir() / f"{cache.cache_key(parts)}.pairs.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            meta = json.loads(arrays["meta"].tobytes().decode())
+            train = _unpack(arrays, "train", meta["train_sources"])
+            eval_ = _unpack(arrays, "eval", meta["eval_sources"]) if meta.get("eval_sources") is not None else None
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("ignoring unreadable cache entry %s: %s", path, e)
+        return None
+    log.info("tokenised pairs read from cache %s", path.name)
+    return train, eval_, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, ref: np.ndarray | None = None) -> dict:
+    """The micro-batch layout of the module docstring; `ref` is [pairs, 2] reference log-probs."""
+    if not pairs:
+        raise ValueError("cannot collate an empty batch")
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(a) + len(b) for a, b in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (prompt, completion) in enumerate(rows):
+        n, m = len(prompt), len(prompt) + len(completion)
+        input_ids[r, :m] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
+        attention_mask[r, :m] = 1
+        completion_mask[r, n:m] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if ref is not None:
+        batch["ref_chosen_logps"] = torch.as_tensor(ref[:, 0], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.as_tensor(ref[:, 1], dtype=torch.float32)
+    return batch
+
+
+def _shuffled(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int = 0, world: int = 1, *,
+                    ref_train: np.ndarray | None = None, ref_eval: np.ndarray | None = None):
+    """(train_plan, eval_plan): deterministic micro-batches of pairs; eval batches split by rank.
+    `ref_train` / `ref_eval` ([pairs, 2] arrays, pair order) add precomputed reference log-probs."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train, bsz = data.train, cfg.per_device_train_batch_size
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        order = _shuffled(len(train), cfg.seed + epoch)
+        return [order[s:s + bsz] for s in range(0, len(order), bsz)]
+
+    def collate(idx: list[int]) -> dict:
+        return collate_pairs([train[i] for i in idx], pad_id, None if ref_train is None else ref_train[idx])
+
+    def describe(idx: list[int]) -> list[str]:
+        return [str(train[i].source) if train[i].source else f"pair {i}" for i in idx]
+
+    train_plan = BatchPlan(epoch_batches, collate, describe)
+    eval_plan = None
+    if data.eval:
+        ev, ebsz = data.eval, cfg.per_device_eval_batch_size
+        eval_batches = [list(range(s, min(s + ebsz, len(ev)))) for s in range(0, len(ev), ebsz)][rank::world]
+        eval_plan = BatchPlan(
+            lambda epoch: eval_batches,
+            lambda idx: collate_pairs([ev[i] for i in idx], pad_id, None if ref_eval is None else ref_eval[idx]),
+            lambda idx: [str(ev[i].source) if ev[i].source else f"eval pair {i}" for i in idx],
+        )
+    return train_plan, eval_plan
+
+
+__all__ = ["PreferenceData", "build_preference_data", "make_pair_plans", "collate_pairs", "pair_as_example",
+           "fit_pair", "tokenize_pairs", "pairs_digest", "pair_tokens"]
