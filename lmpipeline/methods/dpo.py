@@ -14,7 +14,7 @@ One forward per micro-batch: chosen and rejected rows are concatenated along the
 (TRL's layout) and the log-prob of each sequence is the sum over its COMPLETION tokens only (the
 prompt and the padding never count). When the model's logits are lm_head(last hidden state) (checked
 once on a real row; Llama, Qwen, Mistral, Phi... but not Gemma-2's soft-capping), only completion
-positions go through the LM head, in chunks, with a recomputing backward (`_TokenLogps`): no
+positions go through the LM head, in chunks, with a recomputing backward (`TokenLogps`): no
 [rows, length, vocab] logits are ever held. Otherwise the model's logits are read with
 cross_entropy from the first position that predicts a completion token onwards (`logits_to_keep`).
 On the anchor benchmark (random Llama-3.2-3B, 2 x GA 4, length <= 1024, H100) the fused path took
@@ -64,7 +64,7 @@ import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,9 +84,16 @@ from lmpipeline.data.preference import (
 )
 from lmpipeline.errors import UserError
 from lmpipeline.methods import losses, ref_cache
+from lmpipeline.methods.logprobs import (
+    LOGIT_CHUNK_ELEMENTS,
+    TokenLogps,
+    accepts_logits_to_keep,
+    fused_head_usable,
+    unwrap,
+)
 from lmpipeline.methods.sft import _log_trainable, save_final
 from lmpipeline.models import loading
-from lmpipeline.train.loop import train
+from lmpipeline.train.loop import autocast_for, train
 from lmpipeline.train.runtime import make_accelerator, seed_everything
 
 log = logging.getLogger(__name__)
@@ -97,96 +104,12 @@ STACK_REFERENCE_ADAPTER = "sft"
 REFERENCE_MODES = ("adapter_disabled", "adapter", "frozen_copy", "precomputed", "none")
 
 
-def _unwrap(model):
-    """The module under DDP/accelerate wrappers (they keep it in `.module`)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    inner = _unwrap(model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-# Rows of the [tokens, vocab] logits computed at once by the fused path (about 256 MiB of float32).
-_LOGIT_CHUNK_ELEMENTS = 1 << 26
-# Config fields of architectures whose logits are not lm_head(hidden): they take the logits path.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                     "lm_head_multiplier")
-
-
-class _TokenLogps(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T + bias)[target] for N selected positions, a chunk of rows at a time:
-    the [N, vocab] logits are never held whole, neither in the forward nor in the backward (which
-    recomputes each chunk; d logp / d logits = onehot(target) - softmax). Matmuls run under the
-    autocast state of the forward, log-softmax in float32. The idea of TRL's fused LM head and of
-    Liger's fused linear cross-entropy; written here because TRL is a test dependency only and its
-    head is bound to patching the model's forward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
-        device = hidden.device.type
-        ctx.autocast = torch.is_autocast_enabled(device)
-        ctx.autocast_dtype = torch.get_autocast_dtype(device)
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[s:s + chunk], weight, bias).float()
-            lse[s:s + chunk] = logits.logsumexp(dim=-1)
-            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-        ctx.chunk = chunk
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        chunk = ctx.chunk
-        with torch.autocast(hidden.device.type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
-            for s in range(0, hidden.shape[0], chunk):
-                h, go = hidden[s:s + chunk], grad_out[s:s + chunk].float()
-                logits = F.linear(h, weight, bias).float()
-                g = torch.exp(logits - lse[s:s + chunk, None]).mul_(-go[:, None])
-                g[torch.arange(g.shape[0], device=g.device), targets[s:s + chunk]] += go
-                if need_h:
-                    grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += g.t() @ h.float()
-                if need_b:
-                    grad_b += g.sum(dim=0)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
-                None, None)
-
-
-def fused_head_usable(model) -> bool:
-    """True when the model's logits are exactly lm_head(last hidden state) through a plain Linear head
-    (so the fused path computes what the model would), else the logits path is used."""
-    inner = _unwrap(model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or not _accepts_logits_to_keep(model):
-        return False
-    config = getattr(base, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return not any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
-
-
 def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused: bool = False,
                      logits_to_keep: bool = True):
     """(summed log-prob over completion tokens [rows], completion length [rows]) for each row.
 
     Position t predicts token t+1. The fused path (`fused=True`, see fused_head_usable) takes the
-    last hidden states and scores only completion positions in chunks (_TokenLogps): no
+    last hidden states and scores only completion positions in chunks (TokenLogps): no
     [rows, length, vocab] logits exist at any time. The logits path asks the model for logits from
     the position before the earliest completion token onwards (`logits_to_keep`) and reads them with
     cross_entropy. Both take log-probs in float32 whatever the model dtype.
@@ -196,9 +119,9 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
                     logits_to_keep=1)
         hidden = out.hidden_states[-1][:, :-1][mask]
-        head = _unwrap(model).get_output_embeddings()
-        chunk = max(1, _LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-        token = _TokenLogps.apply(hidden, head.weight, head.bias, input_ids[:, 1:][mask], chunk)
+        head = unwrap(model).get_output_embeddings()
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+        token = TokenLogps.apply(hidden, head.weight, head.bias, input_ids[:, 1:][mask], chunk)
         rows = mask.nonzero()[:, 0]
         logps = torch.zeros(input_ids.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
         return logps, mask.sum(dim=-1)
@@ -220,12 +143,12 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused
 def choose_logps_path(model, batch: dict) -> str:
     """"fused" when the model's own logits for a position equal lm_head(last hidden state) (checked on
     one row), else "logits" (with logits_to_keep) or "logits_full"."""
-    keep = _accepts_logits_to_keep(model)
+    keep = accepts_logits_to_keep(model)
     if fused_head_usable(model):
         row = {k: batch[k][:1] for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             out = model(**row, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-            head = _unwrap(model).get_output_embeddings()
+            head = unwrap(model).get_output_embeddings()
             own = out.logits[:, -1].float()
             ours = F.linear(out.hidden_states[-1][:, -1], head.weight, head.bias).float()
         if torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(own.abs().max()))):
@@ -302,7 +225,7 @@ class DPOObjective:
         with torch.no_grad():
             if self.reference == "frozen_copy":
                 return self.sequence_logps(self.ref_model, batch)[0]
-            inner = _unwrap(model)
+            inner = unwrap(model)
             if self.reference == "adapter_disabled":
                 ctx = inner.disable_adapter()
             else:
@@ -456,15 +379,6 @@ def disable_dropout(model) -> int:
     return n
 
 
-def _autocast(cfg: DPOConfig, device: torch.device):
-    # The same precision as the loop's forward, so precomputed values equal on-the-fly ones.
-    if cfg.bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if cfg.fp16:
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return nullcontext()
-
-
 def _gather_ordered(part: dict[int, tuple[float, float]], accelerator) -> dict[int, tuple[float, float]]:
     if accelerator.num_processes == 1:
         return part
@@ -491,7 +405,8 @@ def compute_reference_logps(objective: DPOObjective, model, pairs, cfg: DPOConfi
     model.eval()
     for idx in mine:
         batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()}
-        with _autocast(cfg, device):
+        # The loop's own precision context, so precomputed values equal on-the-fly ones.
+        with autocast_for(cfg, device):
             ref = objective.reference_logps(model, batch).double().cpu().numpy()
         n = len(idx)
         for j, i in enumerate(idx):
@@ -670,7 +585,7 @@ class DPOStage:
                     "bnb": [cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype],
                     "attn_implementation": cfg.attn_implementation, "bf16": cfg.bf16, "fp16": cfg.fp16}
         if in_memory:  # no files name the weights: hash the reference's state_dict (LoRA weights left out)
-            inner = objective.ref_model if mode == "frozen_copy" else _unwrap(model)
+            inner = objective.ref_model if mode == "frozen_copy" else unwrap(model)
             reference = ref_cache.reference_fingerprint(model=inner, settings=settings, skip="lora_")
         else:
             reference = ref_cache.reference_fingerprint(base=start.base, adapters=start.chain, settings=settings)

@@ -27,7 +27,9 @@ from lmpipeline.config.schema import SFTConfig
 from lmpipeline.context import StageResult
 from lmpipeline.data.build import SFTData, build_sft_data, make_batch_plans
 from lmpipeline.errors import UserError
+from lmpipeline.methods.logprobs import fused_head_usable, hidden_token_logps
 from lmpipeline.models import loading
+from lmpipeline.plan import autofit
 from lmpipeline.train.loop import train
 from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
 
@@ -37,7 +39,18 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 class SFTObjective:
-    """Next-token cross-entropy on trained positions, normalised by the global trained-token count."""
+    """Next-token cross-entropy on trained positions, normalised by the global trained-token count.
+
+    fused=True scores only the trained positions through the LM head in chunks
+    (logprobs.hidden_token_logps) instead of materialising [tokens, vocab] fp32 logits; the stage
+    turns it on whenever the model's logits are a plain lm_head(hidden) and Liger is off. Same loss
+    and gradients (tests/unit/methods/test_sft_objective.py).
+    """
+
+    reports_perplexity = True
+
+    def __init__(self, fused: bool = False):
+        self.fused = fused
 
     def count(self, batch: dict) -> int:
         # The model predicts labels[:, 1:] from positions [:, :-1]; only those targets count.
@@ -45,12 +58,17 @@ class SFTObjective:
 
     def loss(self, model, batch: dict, total_units: float):
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        labels = batch["labels"]
         n = self.count(batch)
-        # use_cache=False: with a cache, transformers skips the packed-sequence block mask and packed
-        # examples would attend to each other (see tests/unit/data/test_packing.py).
-        out = model(**inputs, labels=batch["labels"], use_cache=False,
-                    num_items_in_batch=torch.tensor(total_units, device=batch["labels"].device))
-        loss = out.loss
+        if self.fused:
+            mask = labels[:, 1:] != -100
+            loss = -hidden_token_logps(model, inputs, mask, labels[:, 1:]).sum() / total_units
+        else:
+            # use_cache=False: with a cache, transformers skips the packed-sequence block mask and packed
+            # examples would attend to each other (see tests/unit/data/test_packing.py).
+            out = model(**inputs, labels=labels, use_cache=False,
+                        num_items_in_batch=torch.tensor(total_units, device=labels.device))
+            loss = out.loss
         return loss, {"loss": float(loss.detach()) * total_units, "units": n}
 
 
@@ -87,6 +105,11 @@ class SFTStage:
         seed_everything(cfg.seed)
         if model is None and model_name_or_path is None:
             raise UserError("SFTStage.execute needs a model or model_name_or_path")
+        if autofit.has_auto(cfg):
+            # Python API use (the pipeline resolves these first): auto values and the GPU fit check,
+            # before data batching and weight loading, so nothing below sees `auto`.
+            cfg, _, _ = autofit.prepare_stage(cfg, "sft", model=model_name_or_path, torch_dtype=torch_dtype)
+            self.config = cfg
         if tokenizer is None:
             tokenizer = loading.load_tokenizer(model_name_or_path, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
                                                trust_remote_code=cfg.trust_remote_code)
@@ -104,6 +127,13 @@ class SFTStage:
         if cfg.gradient_checkpointing:
             loading.enable_gradient_checkpointing(model)
         _log_trainable(model)
+        # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.
+        objective = SFTObjective(fused=not cfg.use_liger_kernel and fused_head_usable(model))
+        log.info("[%s] loss: %s", cfg.stage_name, "trained positions only, LM head in chunks" if objective.fused
+                 else "the model's own loss over full logits")
+        # On a GPU, one step at the auto-chosen size confirms it fits (backing off on out-of-memory).
+        cfg, probe = autofit.probe_sft(model, cfg, data, tokenizer, objective)
+        self.config = cfg
 
         accelerator = make_accelerator(cfg, out)
         train_plan, eval_plan = make_batch_plans(cfg, data, tokenizer, rank=accelerator.process_index,
@@ -114,7 +144,7 @@ class SFTStage:
 
             neftune = activate_neftune(model, cfg.neftune_noise_alpha)
         try:
-            result = train(model=model, cfg=cfg, objective=SFTObjective(), train_plan=train_plan, eval_plan=eval_plan,
+            result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
                            output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
         finally:
             if neftune is not None:
@@ -130,7 +160,7 @@ class SFTStage:
         self.model = accelerator.unwrap_model(model)
         self.tokenizer = tokenizer
         return StageResult(cfg.stage_name or "sft", out, final_dir, metrics, result.global_step, data.describe(),
-                           adapter=cfg.use_lora)
+                           adapter=cfg.use_lora, notes={"autofit": probe} if probe else {})
 
 
 def _log_trainable(model) -> None:

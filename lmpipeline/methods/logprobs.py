@@ -1,0 +1,108 @@
+"""Log-probabilities of chosen tokens without the [tokens, vocab] logits: shared by SFT and DPO.
+
+`token_logps(model, inputs, targets_mask, targets)` runs the model for its last hidden states and
+scores only the selected positions through the LM head, a chunk of rows at a time (TokenLogps),
+in float32. Used when `fused_head_usable(model)`: the logits are exactly lm_head(hidden state).
+For Llama-3-sized vocabularies this is what keeps a 4,096-token micro-batch from holding ~6 GiB of
+fp32 logits (plan/estimate.py's logits/loss term).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+def unwrap(model):
+    """The module under DDP/accelerate wrappers (they keep it in `.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def accepts_logits_to_keep(model) -> bool:
+    inner = unwrap(model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# Rows of the [tokens, vocab] logits computed at once by the fused path (about 256 MiB of float32).
+LOGIT_CHUNK_ELEMENTS = 1 << 26
+# Config fields of architectures whose logits are not lm_head(hidden): they take the logits path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")
+
+
+class TokenLogps(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T + bias)[target] for N selected positions, a chunk of rows at a time:
+    the [N, vocab] logits are never held whole, neither in the forward nor in the backward (which
+    recomputes each chunk; d logp / d logits = onehot(target) - softmax). Matmuls run under the
+    autocast state of the forward, log-softmax in float32. The idea of TRL's fused LM head and of
+    Liger's fused linear cross-entropy; written here because TRL is a test dependency only and its
+    head is bound to patching the model's forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        device = hidden.device.type
+        ctx.autocast = torch.is_autocast_enabled(device)
+        ctx.autocast_dtype = torch.get_autocast_dtype(device)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[s:s + chunk], weight, bias).float()
+            lse[s:s + chunk] = logits.logsumexp(dim=-1)
+            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.chunk = chunk
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        chunk = ctx.chunk
+        with torch.autocast(hidden.device.type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
+            for s in range(0, hidden.shape[0], chunk):
+                h, go = hidden[s:s + chunk], grad_out[s:s + chunk].float()
+                logits = F.linear(h, weight, bias).float()
+                g = torch.exp(logits - lse[s:s + chunk, None]).mul_(-go[:, None])
+                g[torch.arange(g.shape[0], device=g.device), targets[s:s + chunk]] += go
+                if need_h:
+                    grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += g.t() @ h.float()
+                if need_b:
+                    grad_b += g.sum(dim=0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+                None, None)
+
+
+def fused_head_usable(model) -> bool:
+    """True when the model's logits are exactly lm_head(last hidden state) through a plain Linear head
+    (so the fused path computes what the model would), else the logits path is used."""
+    inner = unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not accepts_logits_to_keep(model):
+        return False
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
+
+
+def hidden_token_logps(model, inputs: dict, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) at the positions where `mask` ([rows, length-1], position t predicts t+1) is
+    true, through the fused head: a 1-D tensor in the order of mask.nonzero()."""
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1][mask]
+    head = unwrap(model).get_output_embeddings()
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+    return TokenLogps.apply(hidden, head.weight, head.bias, targets[mask], chunk)
