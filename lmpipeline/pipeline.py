@@ -9,6 +9,12 @@ Layout written under output_dir:
     <stage>/checkpoints/      checkpoint-N folders for --resume
 
 An existing run folder is never overwritten unless --overwrite is given (or continued with --resume).
+
+Several processes (accelerate launch, torchrun, `lmpipeline launch`): every process runs the
+training stages; only the main process prepares the output folder, writes run.json and the report,
+and runs the eval, merge and package stages (the others finish after their last training stage).
+Rank 0 logs to run.log, rank R to logs/rank-R.log. A stage stopped by a preemption signal is
+recorded as status "preempted" (how `lmpipeline launch` tells a preemption from a crash).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from lmpipeline.config.schema import STAGE_ALIASES, PipelineConfig
 from lmpipeline.context import RunContext, StageOutput, StageResult
 from lmpipeline.errors import OutputExistsError, UserError
 from lmpipeline.models.loading import check_model_reference
-from lmpipeline.train.runtime import SECRET_ENV
+from lmpipeline.train.loop import Preempted
+from lmpipeline.train.runtime import SECRET_ENV, distributed_state, shutdown_distributed
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+TRAINING_KINDS = ("sft", "dpo")
 
 
 def _now() -> str:
@@ -77,11 +85,14 @@ def redact(obj):
 class RunRecord:
     """run.json, rewritten atomically after every change so a crash never leaves it half written."""
 
-    def __init__(self, path: Path, data: dict):
+    def __init__(self, path: Path, data: dict, *, enabled: bool = True):
         self.path = path
         self.data = data
+        self.enabled = enabled  # False on the non-main processes of a multi-process run
 
     def save(self) -> None:
+        if not self.enabled:
+            return
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(redact(self.data), indent=2, default=str))
         os.replace(tmp, self.path)
@@ -175,12 +186,14 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
     """Run every stage; returns the run record (also written to output_dir/run.json)."""
     check_references(cfg)
     out, derived = resolve_output_dir(cfg, config_path)
-    prepare_output_dir(out, overwrite=overwrite, resume=resume)
-    _attach_log_file(out / "run.log")
+    state = distributed_state()  # joins the process group under a multi-process launcher; else a no-op
+    is_main = state.is_main_process
+    _prepare_on_main(state, out, overwrite=overwrite, resume=resume)
+    _attach_log_file(out / "run.log" if is_main else out / "logs" / f"rank-{state.process_index}.log")
 
     record_path = out / RUN_FILE
     if resume and record_path.exists():
-        record = RunRecord(record_path, json.loads(record_path.read_text()))
+        record = RunRecord(record_path, json.loads(record_path.read_text()), enabled=is_main)
         record.data.setdefault("resumed", []).append(_now())
     else:
         record = RunRecord(record_path, {
@@ -191,11 +204,19 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
             "versions": package_versions(),
             "git_commit": git_commit(Path(config_path).parent if config_path else Path.cwd()),
             "stages": {},
-        })
+        }, enabled=is_main)
     record.save()
 
     for name in cfg.stages:
         kind = STAGE_ALIASES[name]
+        if state.num_processes > 1:
+            if kind not in TRAINING_KINDS and not is_main:
+                continue  # eval, merge and package run on the main process only
+            if kind in TRAINING_KINDS:
+                state.wait_for_everyone()  # the main process may still be in an eval/merge stage
+                if not is_main and record_path.exists():
+                    # Stages only the main process ran (a merge) are known from its run.json.
+                    record.data["stages"] = json.loads(record_path.read_text())["stages"]
         stage_cfg = cfg.stage(name).model_copy(update={"output_dir": str(out / name), "stage_name": name})
         entry = record.data["stages"].get(name, {})
         if resume and entry.get("status") == "done" and (entry.get("final_dir") is None or Path(entry["final_dir"]).exists()):
@@ -208,7 +229,15 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
         record.data["stages"][name] = entry
         record.save()
         log.info("[%s] starting (%s)", name, kind)
-        result = run_stage(kind, stage_cfg, cfg, out, record.data, resume=resume)
+        if kind in TRAINING_KINDS:
+            stage_cfg = _fit_stage(stage_cfg, kind, cfg, record.data, entry)
+            record.save()
+        try:
+            result = run_stage(kind, stage_cfg, cfg, out, record.data, resume=resume)
+        except Preempted:
+            entry.update({"status": "preempted", "preempted": _now()})
+            record.save()
+            raise
         entry.update({
             "status": "done",
             "finished": _now(),
@@ -222,8 +251,46 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
         record.save()
     record.data["finished"] = _now()
     record.save()
-    _write_report(out)
+    if is_main:
+        _write_report(out)
+    shutdown_distributed()
     return record.data
+
+
+def _fit_stage(stage_cfg, kind: str, cfg: PipelineConfig, record: dict, entry: dict):
+    """Resolve `auto` values and check the stage fits the GPU before any weight loads
+    (lmpipeline/plan/autofit.py); resolved values go to run.json's derived, the estimate to the stage entry."""
+    from lmpipeline.plan.autofit import prepare_stage
+
+    resolved, derived, estimate = prepare_stage(stage_cfg, kind, model=cfg.model_name_or_path, preset=cfg.preset,
+                                                torch_dtype=cfg.torch_dtype)
+    for key, value in derived.items():
+        record.setdefault("derived", {})[f"stage_configs.{stage_cfg.stage_name}.{key}"] = value
+    if estimate:
+        entry["estimate"] = estimate
+    return resolved
+
+
+def _prepare_on_main(state, out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Only the main process checks, deletes or creates the output folder; the others wait for it.
+
+    Otherwise a second process would find the main's fresh run.json and refuse it as an old run, or
+    two processes would delete the folder under each other. The main's error reaches every process.
+    """
+    error = None
+    if state.is_main_process:
+        try:
+            prepare_output_dir(out, overwrite=overwrite, resume=resume)
+        except UserError as e:
+            error = e
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([str(error) if error is not None else None], from_process=0)[0]
+        if message is not None and error is None:
+            error = UserError(f"the main process could not prepare the output folder: {message}")
+    if error is not None:
+        raise error
 
 
 def _write_report(out: Path) -> None:
@@ -248,6 +315,7 @@ def _attach_log_file(path: Path) -> None:
     for h in root.handlers:
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
             return
+    path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_SecretFilter())

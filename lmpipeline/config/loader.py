@@ -24,6 +24,9 @@ Path_ = tuple  # a key path such as ("stage_configs", "sft", "lora_r")
 SECTIONED_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
     "model": {
         "name": (None, "model_name_or_path"),
+        "preset": (None, "preset"),
+        "size": (None, "model_size"),
+        "model_size": (None, "model_size"),
         "name_or_path": (None, "model_name_or_path"),
         "tokenizer": (None, "tokenizer_name_or_path"),
         "max_seq_length": ("sft", "max_seq_length"),
@@ -188,7 +191,7 @@ def _from_sectioned(loc: _Located) -> tuple[dict, dict[Path_, int], list[ConfigI
             for key, v in value.items():
                 target = None if key == "output_dir" else "sft"
                 put(target, key, v, (section, key))
-        elif section in ("output_dir", "model_name_or_path", "torch_dtype"):
+        elif section in ("output_dir", "model_name_or_path", "torch_dtype", "preset", "model_size"):
             put(None, section, value, (section,))
         else:
             hint = did_you_mean(section, list(SECTIONED_KEYS) + ["training", "output_dir"])
@@ -230,6 +233,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if p[:cut] in override_paths:
                 return "--set", None
         return loc.file, lines.get(p) or loc.line(p)
+
+    # Presets (`preset:`, `model_size:`) fill only keys the file and --set left out (lmpipeline/plan/presets.py).
+    from lmpipeline.plan.presets import apply_presets
+
+    filled = apply_presets(raw)
+    issues.extend(ConfigIssue(".".join(map(str, p)), msg, *where(p)) for p, msg in filled.issues)
+    derived.update(filled.filled)
+    if filled.sources:
+        derived["preset_sources"] = filled.sources
 
     try:
         cfg = PipelineConfig(**raw)

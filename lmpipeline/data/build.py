@@ -10,6 +10,7 @@ silently. Errors name the config key and the file:line of the row.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -155,14 +156,47 @@ def chat_template_for(cfg: TrainStageConfig, tokenizer) -> str:
         raise UserError(e.reason, key=_key(cfg, key)) from None
 
 
+# Conversations with more messages than this are first cut to the turns that can matter (see below).
+LONG_CHAT_MESSAGES = 64
+
+
+def _head_of_long_chat(ex: ChatExample, tokenizer, template: str, max_tokens: int) -> ChatExample:
+    """The first turns of a very long conversation: enough that masking sees the same first max_tokens.
+
+    Assistant masking renders every prefix of a conversation, which is quadratic in its turns: a
+    100,000-turn row would take hours. Turns past max_seq_length are never trained (truncate) and do
+    not change the verdict (drop/error: the row is over-long either way), so the conversation is cut
+    to 2k messages, where the first k already render to more than max_tokens tokens. The first k
+    render to the same text inside both conversations (templates are prefix-preserving; masking
+    checks it), so the first max_tokens tokens and labels are those of the whole conversation.
+    """
+    msgs = ex.messages
+    k = LONG_CHAT_MESSAGES // 2
+    while 2 * k < len(msgs):
+        try:
+            text = templates.render(tokenizer, template, msgs[:k], tools=ex.tools)
+        except Exception:  # noqa: BLE001 - masking renders it again and reports the error with the row
+            return ex
+        # +16: room for what a template writes after the last message only (e.g. a final eos).
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_tokens + 16:
+            return dataclasses.replace(ex, messages=msgs[: 2 * k])
+        k *= 2
+    return ex
+
+
 def tokenize_sft(examples, cfg: SFTConfig, tokenizer, template: str | None, report: DataReport) -> list[TokenizedExample]:
     """Render and mask every example; apply on_overlong and count what it touched."""
     out = []
     loss_on = "assistant" if cfg.assistant_only_loss else "all"
     completion_only = True if cfg.completion_only_loss is None else cfg.completion_only_loss
+    keep_whole = cfg.packing and cfg.packing_strategy == "wrapped"
     for ex in examples:
+        cut = False
         try:
             if isinstance(ex, ChatExample):
+                if len(ex.messages) > LONG_CHAT_MESSAGES and not keep_whole:
+                    head = _head_of_long_chat(ex, tokenizer, template, cfg.max_seq_length)
+                    cut, ex = head is not ex, head
                 tok = masking.tokenize_chat(ex, tokenizer, template, loss_on=loss_on)
             elif isinstance(ex, CompletionExample):
                 tok = masking.tokenize_completion(ex, tokenizer, completion_only=completion_only)
@@ -181,7 +215,8 @@ def tokenize_sft(examples, cfg: SFTConfig, tokenizer, template: str | None, repo
             continue
         if len(tok) > cfg.max_seq_length:
             if cfg.on_overlong == "error":
-                raise UserError(f"{ex.source}: example has {len(tok)} tokens, over max_seq_length={cfg.max_seq_length}",
+                raise UserError(f"{ex.source}: example has {len(tok)}{'+' if cut else ''} tokens, over "
+                                f"max_seq_length={cfg.max_seq_length}",
                                 key=_key(cfg, "on_overlong"), hint="raise max_seq_length, or use on_overlong: truncate|drop")
             if cfg.on_overlong == "drop":
                 report.dropped_overlong += 1

@@ -70,6 +70,7 @@ DATASETS_FOLDER_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json
 
 _BOM = b"\xef\xbb\xbf"
 _WS = re.compile(r"[ \t\n\r]*")
+_TOO_DEEP = "nested too deeply to read (Python's JSON parser stops at about 1,000 levels of lists/objects)"
 # Lone surrogates are what `surrogateescape` turns undecodable bytes into.
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
@@ -198,6 +199,9 @@ def _read_jsonl(data: bytes, name: str) -> Iterator[Row]:
         except json.JSONDecodeError as e:
             yield source, DataError(f"not valid JSON: {e.msg} (column {e.colno})", source)
             continue
+        except RecursionError:
+            yield source, DataError(_TOO_DEEP, source)
+            continue
         yield source, _as_record(value, source)
 
 
@@ -228,6 +232,8 @@ def _read_json(data: bytes, name: str) -> Iterator[Row]:
         return
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError(_TOO_DEEP, Source(name, 0, 1)) from None
     except json.JSONDecodeError as e:
         if _first_line_is_json(text, start):
             # JSON Lines saved as .json (common): read it line by line.
@@ -256,7 +262,7 @@ def _first_line_is_json(text: str, start: int) -> bool:
     first = text[start : end if end != -1 else len(text)]
     try:
         return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -278,6 +284,8 @@ def _read_json_array(text: str, start: int, name: str) -> Iterator[Row]:
             line_pos = pos
             try:
                 value, end = decoder.raw_decode(text, pos)
+            except RecursionError:
+                raise DataError(_TOO_DEEP, Source(name, len(elements), line)) from None
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"not valid JSON (array element {len(elements)}): {e.msg} at line {e.lineno} "

@@ -537,13 +537,15 @@ def build_package(path: str | Path, output_dir: str | Path, config: PackageConfi
     else:
         p = Path(path).resolve()
         default = p.parent.name if p.name == "final" else p.name
-    name = _safe_name(cfg.model_name or default)
+    from lmpipeline.pipeline import redact  # a token from the environment never goes into a package
+
+    name = _safe_name(redact(cfg.model_name or default))
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
 
-    meta = collect_metadata(content, name)
-    card = render_card(meta, tags=cfg.tags, license=cfg.license or _base_license(meta.get("base_model")),
-                       description=cfg.description, hub_repo_id=cfg.hub_repo_id if cfg.push_to_hub else None)
+    meta = redact(collect_metadata(content, name))
+    card = redact(render_card(meta, tags=cfg.tags, license=cfg.license or _base_license(meta.get("base_model")),
+                              description=cfg.description, hub_repo_id=cfg.hub_repo_id if cfg.push_to_hub else None))
     small = {"README.md": card.encode(), "requirements.txt": requirements(meta).encode(), **content.generated}
     files = {}
     for arc, p in content.files:

@@ -128,7 +128,7 @@ class SFTStage:
             loading.enable_gradient_checkpointing(model)
         _log_trainable(model)
         # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.
-        objective = SFTObjective(fused=not cfg.use_liger_kernel and fused_head_usable(model))
+        objective = SFTObjective(fused=cfg.chunked_loss and not cfg.use_liger_kernel and fused_head_usable(model))
         log.info("[%s] loss: %s", cfg.stage_name, "trained positions only, LM head in chunks" if objective.fused
                  else "the model's own loss over full logits")
         # On a GPU, one step at the auto-chosen size confirms it fits (backing off on out-of-memory).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -112,7 +113,7 @@ def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto")
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # the last: a pickle torch's weights_only refuses
         raise UserError(f"cannot load model `{name}`: {str(e).splitlines()[0]}", key="model_name_or_path") from None
     if quant is None and torch.cuda.is_available():
         model.to(torch.cuda.current_device())

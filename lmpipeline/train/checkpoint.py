@@ -1,8 +1,10 @@
 """Atomic checkpoints: everything needed to continue a run exactly, written all-or-nothing.
 
 A checkpoint is written under `checkpoint-N.tmp`, every file fsynced, then renamed to `checkpoint-N`;
-a kill in the middle leaves only a .tmp folder, which is ignored and cleaned up, so the previous
-checkpoint stays the one a resume uses. Only the main process writes.
+a kill in the middle leaves only a .tmp folder, which is ignored and cleaned up (on the next save
+and on --resume), so the previous checkpoint stays the one a resume uses. Deleting works the same
+way backwards: a checkpoint is first renamed to .tmp, then removed, so a kill during rotation never
+leaves a half-deleted folder under a checkpoint's name. Only the main process writes.
 
 Contents: trainable weights (adapter or full model, safetensors), optimizer, scheduler, the RNG
 states of python/numpy/torch, and trainer_state.json (step, epoch, position in the epoch).
@@ -24,16 +26,22 @@ STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(folder)
 
 
 def rng_state() -> dict:
@@ -72,9 +80,9 @@ def save_checkpoint(folder: Path, step: int, *, model, optimizer, scheduler, tra
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     _fsync_tree(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
-    _fsync_tree(folder)
+    _fsync_dir(folder)  # the rename itself; the files inside were synced above
     return final
 
 
@@ -95,15 +103,33 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _remove(ckpt: Path) -> None:
+    """Rename first (atomic), then delete: a kill mid-way leaves a .tmp folder, never a broken checkpoint."""
+    doomed = ckpt.with_name(ckpt.name + ".old.tmp")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_partial(folder: Path) -> list[Path]:
+    """Delete the .tmp leftovers of saves or deletions that were killed half-way; returns what went."""
+    if not folder.is_dir():
+        return []
+    gone = sorted(folder.glob("checkpoint-*.tmp"))
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def rotate_checkpoints(folder: Path, keep: int | None) -> None:
     """Delete the oldest checkpoints beyond `keep`; the newest complete one is never deleted."""
-    for p in folder.glob("checkpoint-*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
+    remove_partial(folder)
     if not keep:
         return
     ckpts = list_checkpoints(folder)
     for p in ckpts[: max(0, len(ckpts) - max(keep, 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
 
 
 def load_trainable_weights(model, ckpt: Path) -> None:

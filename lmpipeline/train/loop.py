@@ -9,6 +9,18 @@
 Normalising by the global count (trained tokens for SFT, pairs for DPO) makes micro-batch x GA equal
 one big batch, which the naive mean-of-means does not (the gradient-accumulation bug of trl #2175).
 
+Several processes (accelerate launch / torchrun): rank r trains micro-batches r, r+world, ... of the
+step, so N processes x GA equals 1 process x N*GA. A stop signal on any rank stops every rank after
+the same step (the flag rides on the per-step metrics all-reduce), so the checkpoint is consistent
+and no rank is left waiting in a collective. Each rank beats a heartbeat (lmpipeline/launch/heartbeat.py)
+so that a stall names the rank the others wait for.
+
+A NaN/inf loss or gradient norm stops the run (on_nonfinite: error) naming the step and dumping the
+batch's row sources to output_dir/nonfinite_stepN.json; with on_nonfinite: skip that optimizer step
+is dropped (no update, no scheduler step), logged and counted, up to max_nonfinite_skips. A loss
+above loss_spike_factor x the median of the recent steps is logged as a spike. The first Ctrl-C
+saves a checkpoint at the end of the step and exits 130; a second one stops at once.
+
 A method plugs in an Objective: count(batch) -> units, loss(model, batch, total_units) ->
 (loss, metric sums). Batches come from a BatchPlan: a deterministic micro-batch order per epoch
 (seed + epoch), so a resumed run sees exactly the data the uninterrupted run would have seen.
@@ -22,8 +34,10 @@ import math
 import os
 import resource
 import signal
+import statistics
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +47,23 @@ import torch
 
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.errors import NonFiniteLossError, UserError
+from lmpipeline.launch import sharded
+from lmpipeline.launch.heartbeat import Heartbeat
 from lmpipeline.train import checkpoint as ckpt_io
 from lmpipeline.train.optim import build_optimizer, build_scheduler
+from lmpipeline.train.runtime import collective_timeout_s, is_sharded
 
 log = logging.getLogger(__name__)
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after writing a checkpoint (EX_TEMPFAIL: try again).
 PREEMPTED_EXIT_CODE = 75
+# Exit code of a run stopped by Ctrl-C after writing a checkpoint (128 + SIGINT, the shell's convention).
+INTERRUPTED_EXIT_CODE = 130
+# Loss-spike watchdog: compare each step's loss with the median of this many recent steps, once at
+# least SPIKE_WARMUP of them are known (the first steps of a run fall fast and would look like dips,
+# never spikes, but a median of two or three steps is too noisy to judge anything by).
+SPIKE_WINDOW = 50
+SPIKE_WARMUP = 10
 
 
 class Objective(Protocol):
@@ -106,7 +130,7 @@ class MetricsWriter:
                                  step=record["step"])
 
 
-def _autocast(cfg: TrainStageConfig, device: torch.device):
+def autocast_for(cfg: TrainStageConfig, device: torch.device):
     if cfg.bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if cfg.fp16:
@@ -115,14 +139,16 @@ def _autocast(cfg: TrainStageConfig, device: torch.device):
 
 
 class _StopSignal:
-    """SIGTERM/SIGUSR1 ask for a checkpoint at the next step boundary (SLURM preemption)."""
+    """SIGTERM/SIGUSR1 (SLURM preemption) and a first Ctrl-C (SIGINT) ask for a checkpoint at the next
+    step boundary and a clean stop; a second Ctrl-C interrupts at once (KeyboardInterrupt), leaving the
+    last complete checkpoint as the one --resume continues from."""
 
     def __init__(self):
         self.received: int | None = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -130,8 +156,14 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the step
         self.received = signum
-        log.warning("signal %s received: saving a checkpoint at the end of this step", signum)
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                        "(press Ctrl-C again to stop at once and keep the previous checkpoint)")
+        else:
+            log.warning("signal %s received: saving a checkpoint at the end of this step", signum)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -143,13 +175,21 @@ def evaluate(model, objective: Objective, plan: BatchPlan, cfg: TrainStageConfig
     model.eval()
     sums: dict[str, float] = {}
     units = 0.0
+    batches = plan.epoch_batches(0)
     with torch.no_grad():
-        for idx in plan.epoch_batches(0):
+        for idx in batches:
             batch = _to_device(plan.collate(idx), device)
-            with _autocast(cfg, device):
+            with autocast_for(cfg, device):
                 _, m = objective.loss(model, batch, 1.0)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        # Forwards whose metrics are dropped, so that every rank runs as many as the busiest one
+        # (sharded models all-gather weights in each) and knows the metric names for the all-reduce.
+        for _ in range(_padding_forwards(accelerator, len(batches), device)):
+            with autocast_for(cfg, device):
+                _, m = objective.loss(model, _to_device(plan.collate(batches[0] if batches else [0]), device), 1.0)
+            for k in m:
+                sums.setdefault(k, 0.0)
     model.train()
     units = sums.pop("units", 0.0)
     if accelerator is not None and accelerator.num_processes > 1:
@@ -158,9 +198,17 @@ def evaluate(model, objective: Objective, plan: BatchPlan, cfg: TrainStageConfig
         units, vals = float(t[0]), t[1:].tolist()
         sums = dict(zip(sorted(sums), vals))
     out = {f"eval_{k}": v / max(units, 1.0) for k, v in sums.items()}
-    if "eval_loss" in out:
+    # Perplexity is exp(token cross-entropy): meaningful for SFT's loss, not for a preference loss.
+    if "eval_loss" in out and getattr(objective, "reports_perplexity", False):
         out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
     return out
+
+
+def _padding_forwards(accelerator, mine: int, device) -> int:
+    if accelerator is None or accelerator.num_processes == 1:
+        return 0
+    most = int(accelerator.gather(torch.tensor([mine], device=device)).max())
+    return most - mine if is_sharded(accelerator) else int(mine == 0)
 
 
 def train(
@@ -195,11 +243,15 @@ def train(
 
     ckpt_dir = output_dir / "checkpoints"
     metrics = MetricsWriter(output_dir / "metrics.jsonl", accelerator, is_main)
-    state = {"global_step": 0, "best_eval_loss": None, "evals_without_improvement": 0}
+    state = {"global_step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "nonfinite_skips": 0}
     if resume:
+        if is_main:
+            ckpt_io.remove_partial(ckpt_dir)  # a save killed half-way: never a checkpoint, only clutter
         last = ckpt_io.latest_checkpoint(ckpt_dir)
         if last is not None:
-            state.update(ckpt_io.load_checkpoint(last, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler))
+            # FSDP2: rank 0 reads full tensors and every rank takes its shard (a collective).
+            load = sharded.load_checkpoint if sharded.is_fsdp(accelerator) else ckpt_io.load_checkpoint
+            state.update(load(last, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler))
             log.info("resumed from %s at step %d", last, state["global_step"])
             if is_main:
                 # Lines after the checkpoint came from the interrupted run; the resumed run rewrites them.
@@ -216,17 +268,27 @@ def train(
     window = {"sums": {}, "tokens": 0, "t0": time.perf_counter(), "steps": 0}
     last_grad_norm = float("nan")
     last_eval: tuple[int, dict] | None = None
+    recent_losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
+    loss_spikes = 0
     result = TrainResult(global_step=state["global_step"])
     progress = _progress(total_steps, state["global_step"], is_main)
 
-    with _StopSignal() as stop:
+    # DeepSpeed steps inside backward at the boundary we mark, and divides each loss by its GA itself.
+    deepspeed = getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED"
+    if deepspeed and (cfg.save_strategy != "no" or resume):
+        raise UserError("checkpoints of DeepSpeed ZeRO runs are not supported yet", key="save_strategy",
+                        hint="use --strategy fsdp2 (sharded and resumable), or save_strategy: no (a stopped run starts over)")
+    with _StopSignal() as stop, Heartbeat(output_dir / "heartbeat", rank, world,
+                                          stall_warn_s=collective_timeout_s() / 2) as hb:
         while state["global_step"] < total_steps:
             step = state["global_step"]
             epoch, pos = divmod(step, steps_per_epoch)
             batches = train_plan.epoch_batches(epoch)
             step_micro = batches[pos * per_step:(pos + 1) * per_step]
             mine = step_micro[rank::world]
+            hb.beat(step + 1, "data")
             collated = [_to_device(train_plan.collate(idx), device) for idx in mine]
+            hb.beat(step + 1, "sync: token count")
 
             units = torch.tensor(float(sum(objective.count(b) for b in collated)), device=device)
             if world > 1:
@@ -234,16 +296,27 @@ def train(
             total_units = max(float(units), 1.0)
 
             step_sums: dict[str, float] = {}
+            nonfinite_idx: list[int] = []  # examples of the micro-batches whose loss was NaN/inf
             for i, batch in enumerate(collated):
                 sync = i == len(collated) - 1
+                if deepspeed:
+                    accelerator.gradient_state._set_sync_gradients(sync)
                 ctx = nullcontext() if sync or world == 1 else accelerator.no_sync(model)
                 with ctx:
-                    with _autocast(cfg, device):
+                    hb.beat(step + 1, "forward", micro=i)
+                    with autocast_for(cfg, device):
                         loss, m = objective.loss(model, batch, total_units)
-                    if not torch.isfinite(loss):
-                        _raise_nonfinite(output_dir, step + 1, mine[i], train_plan, is_main)
                     # DDP averages gradients over ranks; the loss is already normalised globally.
-                    scaled = loss * world
+                    scaled = loss * world * (ga if deepspeed else 1)
+                    if not torch.isfinite(loss):
+                        if deepspeed:  # DeepSpeed steps inside backward: there is no step left to drop
+                            _raise_nonfinite(output_dir, step + 1, mine[i], train_plan, rank)
+                        # Still run backward, with NaN gradients: they reach every rank through the
+                        # gradient all-reduce, so all ranks see a non-finite gradient norm below and
+                        # stop or skip the same step (no rank is left waiting in a collective).
+                        nonfinite_idx += mine[i]
+                        scaled = scaled * float("nan")
+                    hb.beat(step + 1, "backward", micro=i)  # the last one waits in DDP's gradient all-reduce
                     if scaler is not None:
                         scaler.scale(scaled).backward()
                     else:
@@ -252,29 +325,66 @@ def train(
                     step_sums[k] = step_sums.get(k, 0.0) + float(v)
                 window["tokens"] += _real_tokens(batch)
 
+            hb.beat(step + 1, "optimizer")
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if cfg.max_grad_norm > 0:
-                gn = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                last_grad_norm = float(gn)
-                if not math.isfinite(last_grad_norm):
-                    _raise_nonfinite(output_dir, step + 1, [i for b in mine for i in b], train_plan, is_main, what="gradient norm")
-            if scaler is not None:
+            # accelerate's clip knows sharded (FSDP2 DTensor) gradients; DeepSpeed clips itself and reports.
+            # max_norm=inf when clipping is off: the norm is still needed to catch non-finite gradients.
+            gn = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            last_grad_norm = float(gn) if gn is not None else float("nan")
+            # With fp16 the GradScaler drops steps with inf/NaN gradients itself and lowers its scale.
+            bad_grad = gn is not None and scaler is None and not math.isfinite(last_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            skipped = bool(nonfinite_idx) or bad_grad
+            if skipped:
+                what = "loss" if nonfinite_idx else "gradient norm"
+                where = nonfinite_idx or [i for b in mine for i in b]
+                state["nonfinite_skips"] += 1
+                if cfg.on_nonfinite == "error" or state["nonfinite_skips"] > cfg.max_nonfinite_skips:
+                    _raise_nonfinite(output_dir, step + 1, where, train_plan, rank, what=what,
+                                     skipped=state["nonfinite_skips"] - 1 if cfg.on_nonfinite == "skip" else None)
+                # on_nonfinite: skip drops this optimizer step: no update, no scheduler step.
+                dump = _dump_nonfinite(output_dir, step + 1, where, train_plan, rank, what)
+                log.warning("non-finite %s at step %d: step skipped (%d of at most %d); its examples are in %s",
+                            what, step + 1, state["nonfinite_skips"], cfg.max_nonfinite_skips, dump)
+                metrics.write({"step": step + 1, "skipped_nonfinite": what, "nonfinite_skips": state["nonfinite_skips"]})
+                if scaler is not None:
+                    scaler.update()
+            elif scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            if not skipped:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             state["global_step"] = step = step + 1
+            stop_now = stop.received is not None
             if world > 1:
+                hb.beat(step, "sync: metrics")
                 keys = sorted(step_sums)
-                t = accelerator.reduce(torch.tensor([step_sums[k] for k in keys], device=device, dtype=torch.float64), reduction="sum")
-                step_sums = dict(zip(keys, t.tolist()))
-            for k, v in step_sums.items():
-                window["sums"][k] = window["sums"].get(k, 0.0) + v
+                t = accelerator.reduce(torch.tensor([step_sums[k] for k in keys] + [float(stop_now)], device=device,
+                                                    dtype=torch.float64), reduction="sum")
+                *vals, stops = t.tolist()
+                step_sums = dict(zip(keys, vals))
+                stop_now = stops > 0
+            if not skipped:
+                for k, v in step_sums.items():
+                    window["sums"][k] = window["sums"].get(k, 0.0) + v
+                if "loss" in step_sums and cfg.loss_spike_factor > 0:
+                    step_loss = step_sums["loss"] / max(step_sums.get("units", 1.0), 1.0)
+                    if len(recent_losses) >= SPIKE_WARMUP:
+                        median = statistics.median(recent_losses)
+                        if median > 0 and step_loss > cfg.loss_spike_factor * median:
+                            loss_spikes += 1
+                            if is_main:
+                                log.warning("loss spike at step %d: %.4g is %.1fx the median %.4g of the last %d steps "
+                                            "(loss_spike_factor %g)", step, step_loss, step_loss / median, median,
+                                            len(recent_losses), cfg.loss_spike_factor)
+                    recent_losses.append(step_loss)
             window["steps"] += 1
             if progress is not None:
                 progress.update(1)
@@ -301,6 +411,7 @@ def train(
                 or (cfg.eval_strategy == "epoch" and at_epoch_end)
             )
             if do_eval:
+                hb.beat(step, "eval")
                 ev = evaluate(model, objective, eval_plan, cfg, device, accelerator)
                 last_eval = (step, ev)
                 metrics.write({"step": step, **ev})
@@ -312,15 +423,22 @@ def train(
                 (cfg.save_strategy == "steps" and step % cfg.save_steps == 0)
                 or (cfg.save_strategy == "epoch" and at_epoch_end)
             )
-            if (do_save or stop.received is not None) and step < total_steps:
+            if (do_save or stop_now) and step < total_steps:
+                hb.beat(step, "checkpoint")
                 _save(accelerator, model, optimizer, scheduler, state, ckpt_dir, step, tokenizer, cfg)
             if on_step_end is not None:
                 on_step_end(step)
-            if stop.received is not None:
+            if stop_now and step < total_steps:  # at the last step the run simply finishes and saves
                 if progress is not None:
                     progress.close()
-                raise Preempted(f"stopped by signal {stop.received} after step {step}; checkpoint saved",
+                by = f"signal {stop.received}" if stop.received is not None else "a signal to another rank"
+                if stop.received == signal.SIGINT:
+                    by = "Ctrl-C"
+                err = Preempted(f"stopped by {by} after step {step}; checkpoint saved",
                                 hint="run again with --resume to continue from it")
+                if stop.received == signal.SIGINT:
+                    err.exit_code = INTERRUPTED_EXIT_CODE
+                raise err
             if result.stopped_early:
                 log.info("early stopping at step %d: eval loss did not improve for %d evaluations",
                          step, cfg.early_stopping_patience)
@@ -339,13 +457,24 @@ def train(
         if is_main:
             log.info("final eval: %s", _fmt(ev))
     result.global_step = state["global_step"]
+    if state["nonfinite_skips"]:
+        result.metrics["nonfinite_skipped_steps"] = state["nonfinite_skips"]
+    if loss_spikes:
+        result.metrics["loss_spikes"] = loss_spikes
     return result
 
 
 def _save(accelerator, model, optimizer, scheduler, state, ckpt_dir, step, tokenizer, cfg):
+    if getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED":
+        raise UserError(f"stopped at step {step} without a checkpoint: DeepSpeed ZeRO runs cannot be checkpointed yet",
+                        hint="use --strategy fsdp2 for runs that must survive preemption")
     accelerator.wait_for_everyone()
+    to_save, optim_to_save = accelerator.unwrap_model(model), optimizer
+    if sharded.is_fsdp(accelerator):
+        # Every rank joins the gather; rank 0 then writes full tensors (the usual checkpoint format).
+        to_save, optim_to_save = sharded.gathered(to_save, optimizer)
     if accelerator.is_main_process:
-        ckpt_io.save_checkpoint(ckpt_dir, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
+        ckpt_io.save_checkpoint(ckpt_dir, step, model=to_save, optimizer=optim_to_save,
                                 scheduler=scheduler, trainer_state=dict(state), tokenizer=tokenizer)
         ckpt_io.rotate_checkpoints(ckpt_dir, cfg.save_total_limit)
     accelerator.wait_for_everyone()
@@ -363,14 +492,22 @@ def _early_stop(state: dict, ev: dict, cfg: TrainStageConfig) -> bool:
     return state["evals_without_improvement"] >= cfg.early_stopping_patience
 
 
-def _raise_nonfinite(output_dir: Path, step: int, indices: list[int], plan: BatchPlan, is_main: bool, what: str = "loss"):
+def _dump_nonfinite(output_dir: Path, step: int, indices: list[int], plan: BatchPlan, rank: int, what: str) -> Path:
+    """Write the examples of a non-finite step to output_dir/nonfinite_stepN.json (one file per rank)."""
+    dump = output_dir / (f"nonfinite_step{step}.json" if rank == 0 else f"nonfinite_step{step}_rank{rank}.json")
+    dump.write_text(json.dumps({"step": step, "what": what, "rank": rank, "examples": plan.describe(indices)}, indent=2))
+    return dump
+
+
+def _raise_nonfinite(output_dir: Path, step: int, indices: list[int], plan: BatchPlan, rank: int, what: str = "loss",
+                     skipped: int | None = None):
+    dump = _dump_nonfinite(output_dir, step, indices, plan, rank, what)
     ids = plan.describe(indices)
-    dump = output_dir / f"nonfinite_step{step}.json"
-    if is_main:
-        dump.write_text(json.dumps({"step": step, "what": what, "examples": ids}, indent=2))
+    after = f" after {skipped} skipped step(s) (max_nonfinite_skips)" if skipped is not None else ""
     raise NonFiniteLossError(
-        f"non-finite {what} at step {step}; the batch's examples are listed in {dump} (first: {', '.join(ids[:3])})",
-        hint="lower learning_rate, check those rows, or use bf16 instead of fp16",
+        f"non-finite {what} at step {step}{after}; the batch's examples are listed in {dump} (first: {', '.join(ids[:3])})",
+        hint="lower learning_rate, check those rows, use bf16 instead of fp16, or set on_nonfinite: skip "
+             "to drop such steps (counted, at most max_nonfinite_skips)",
     )
 
 

@@ -1,0 +1,930 @@
+"""Peak GPU memory and time of a training stage, from the model's shapes and the stage config, before any
+weight is loaded (`lmpipeline estimate`, auto-fit, and the fit check that runs before loading weights).
+
+Memory is the peak of `torch.cuda.max_memory_allocated()` (what the bench and the training loop report);
+`hardware.required_bytes` adds the CUDA context and allocator headroom on top when deciding what fits.
+The peak is the larger of two moments of an optimizer step:
+
+    backward   static + saved activations + max(loss buffers, one layer's backward working set)
+    optimizer  static + the optimizer's temporaries (foreach AdamW: one state-sized buffer)
+    static     weights + LoRA adapters + gradients + optimizer state (+ a frozen reference copy for DPO)
+
+Saved activations follow the autograd graph of a Hugging Face Llama-style decoder layer under bf16
+autocast, tensor by tensor (`_layer_terms`; every term says which op saves it). The terms were checked
+against torch.autograd.graph.saved_tensors_hooks on CPU for the same block (46.7 x hidden bytes per token
+per layer for Llama-3.2-3B LoRA; `tests/unit/plan/test_estimate.py::test_layer_model_matches_autograd`
+re-measures Llama, Qwen2, Qwen3, Phi-3 and Gemma-2 blocks in LoRA, dropout, fp32 and full fine-tuning
+variants, padded and causal). With gradient checkpointing only each layer's input is kept (hidden x 2 bytes
+per token) and one layer is recomputed at a time during the backward.
+
+Calibration (`tests/unit/plan/test_calibration.py`): measured H100 peaks of random Llama-3.2-3B, LoRA r16
+on 7 modules, adamw_8bit, batch 2 x GA 4, bench length distributions. TRL 1.15 rows (GUIDE section 5;
+TRL's fused LM head never holds full logits, its 4-bit embeddings stay bf16) are estimated with
+impl="trl"; lmpipeline's own DPO rows (methods/dpo.py docstring) with impl="lmpipeline":
+
+    setting                                          measured GiB   estimate
+    TRL QLoRA NF4, padded, checkpointing                 3.39         3.38   -0.2%
+    TRL bf16 LoRA, padded, checkpointing                 7.58         7.30   -3.7%
+    TRL bf16 LoRA, packed 2 x 2048, checkpointing        7.87         7.85   -0.3%
+    TRL + Liger, packed 2 x 2048, checkpointing          7.71         7.74   +0.4%
+    TRL + Liger, packed 2 x 2048, no checkpointing      20.70        20.66   -0.2%
+    TRL + Liger, packed 8 x 2048, checkpointing         12.48        12.69   +1.7%
+    TRL DPO QLoRA, <= 1024, checkpointing                3.46         3.88  +12.1%
+    TRL DPO bf16 LoRA, <= 1024, checkpointing            7.69         7.82   +1.7%
+    lmpipeline DPO QLoRA, fused head                     6.50         6.26   -3.7%
+    lmpipeline DPO bf16 LoRA, fused head                 8.00         7.82   -2.2%
+    lmpipeline DPO QLoRA, full logits                   10.80        11.08   +2.6%
+    lmpipeline DPO bf16 LoRA, full logits               12.50        12.81   +2.5%
+
+The one fitted constant is a layer's backward working set (`BWD_TRANSIENT_*`), set on the packed
+checkpointing rows; everything else is counted. TRL's QLoRA peaks sit ~0.3 GiB below its bf16 LoRA
+peaks at equal tokens, more than the weights and the adapter-input sharing of bitsandbytes layers
+explain, so TRL DPO QLoRA comes out 12% high (on the safe side). Unsloth's rows are not modelled (its
+own kernels save different tensors).
+
+`impl="lmpipeline"` (the default) describes this project's own code paths, which differ from TRL's:
+- SFT computes the loss through the model (`labels=`), so full-vocabulary logits exist: bf16 logits,
+  their float32 upcast and log-softmax (10-12 bytes per token per vocabulary entry) unless Liger's fused
+  linear cross-entropy is on. For Llama-3's 128k vocabulary at 4,096 tokens that is 5.9 GiB.
+- DPO scores completion positions through the LM head in chunks of 2^26 logits (methods/dpo.py).
+- QLoRA/8-bit go through peft.prepare_model_for_kbit_training, which casts every non-quantised weight
+  (embeddings, LM head, norms) to float32, so the residual stream and the MLP outputs of bitsandbytes
+  layers are float32 too.
+
+Time: FLOPs per token = k x N (N = weights every token multiplies through, LM head included; k = 4
+for LoRA: forward + backward to activations, GUIDE's 4 x 3.21 GFLOP on Llama-3.2-3B; 6 for full
+fine-tuning; +2 with checkpointing; DPO adds 2 per token for the reference forward unless precomputed),
+attention FLOPs not counted, at `DEFAULT_MFU` of the GPU's attainable matmul rate. Padded batches are
+charged for their padding, and micro-batches under 4,096 tokens run at proportionally lower MFU (fitted
+to the bench: 749 tokens/s unpacked vs 8,099 packed, same model and GPU). QLoRA runs at 0.89 of that
+(bench: 666 vs 749 tokens/s). Treat times as +-50%.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+from statistics import NormalDist
+from typing import Any
+
+from lmpipeline.plan import hardware
+from lmpipeline.plan.presets import Architecture
+
+GIB = hardware.GIB
+IMPLS = ("lmpipeline", "trl")
+
+# bitsandbytes NF4/FP4: 4 bits per weight plus one absmax per 64-weight block; double quantisation
+# stores those absmax as 8-bit with one fp32 scale per 256 blocks (QLoRA paper, section 3).
+NF4_BYTES = 0.5
+ABSMAX_BYTES = 4 / 64
+ABSMAX_DQ_BYTES = 1 / 64 + 4 / (64 * 256)
+# LLM.int8: one byte per weight plus an fp32 scale per output row (added per module below).
+INT8_BYTES = 1.0
+
+# TRL's fused LM head (trl/kernels/chunked_logprob.py): [4096 tokens x 32768 vocab] bf16 tiles.
+TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768
+# lmpipeline DPO (_TokenLogps in methods/dpo.py): chunks of 2^26 logits.
+OURS_DPO_CHUNK_ELEMENTS = 1 << 26
+# A layer's backward working set beyond its saved tensors (gradients of its activations in flight),
+# bytes per token: fitted to the packed 2 x 2048 checkpointing runs (7.87 GiB, 7.71 with Liger).
+BWD_TRANSIENT_HIDDEN = 4
+BWD_TRANSIENT_INTERMEDIATE = 8
+
+DEFAULT_MFU = 0.20  # GUIDE section 5: the best peer reaches 20% of the H100's attainable 790 TFLOP/s
+FULL_MFU_TOKENS = 4096  # micro-batches smaller than this run at proportionally lower MFU
+MIN_MFU = 0.02
+QUANT_SPEED = {"none": 1.0, "4bit": 0.89, "8bit": 0.5}  # 8-bit: LLM.int8 matmuls, rough
+
+
+# ----------------------------------------------------------------------------------------------
+# What the estimate needs to know about the data
+
+
+@dataclass
+class TokenProfile:
+    """Row lengths of a stage's data in tokens, from a sample when the data could be read."""
+
+    rows: int | None = None
+    mean_tokens: float | None = None  # mean tokens a row puts through the model (DPO: per chosen/rejected row)
+    lengths: list[int] | None = None  # sample of the row lengths that set padded widths
+    source: str = "no data sample: rows assumed max_seq_length long (worst case)"
+
+    def longest(self, rows_seen: int, cap: int) -> int:
+        """Median of the longest of `rows_seen` rows (what the peak micro-batch is padded to), capped."""
+        if not self.lengths:
+            return cap
+        data = sorted(min(int(x), cap) for x in self.lengths if x > 0)
+        if not data:
+            return cap
+        q = 0.5 ** (1.0 / max(1, rows_seen))
+        if (1 - q) * len(data) >= 1:
+            return min(cap, data[min(len(data) - 1, int(q * len(data)))])
+        # Beyond the sample: a lognormal fitted to it (prompt and answer lengths are close to lognormal).
+        logs = [math.log(x) for x in data]
+        mu = sum(logs) / len(logs)
+        sd = math.sqrt(sum((v - mu) ** 2 for v in logs) / max(1, len(logs) - 1))
+        z = NormalDist().inv_cdf(q)
+        return int(min(cap, max(data[-1], math.exp(mu + z * sd))))
+
+    def mean(self, cap: int) -> float:
+        if self.mean_tokens:
+            return float(min(self.mean_tokens, cap))
+        if self.lengths:
+            return sum(min(int(x), cap) for x in self.lengths) / len(self.lengths)
+        return float(cap)
+
+    def padding_inflation(self, batch: int, cap: int) -> float:
+        """Computed / real tokens of padded micro-batches of `batch` rows (1.0 without a sample)."""
+        if not self.lengths or batch <= 1:
+            return 1.0
+        data = [min(int(x), cap) for x in self.lengths]
+        rng = random.Random(0)
+        padded = real = 0
+        for _ in range(400):
+            rows = [rng.choice(data) for _ in range(batch)]
+            padded += max(rows) * batch
+            real += sum(rows)
+        return padded / max(real, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training set-up, reduced to what decides memory
+
+
+@dataclass(frozen=True)
+class Setup:
+    kind: str = "sft"  # sft | dpo
+    micro_batch: int = 1  # rows (DPO: pairs; each pair is two rows)
+    grad_accum: int = 1
+    seq_len: int = 2048
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    use_lora: bool = True
+    lora_r: int = 16
+    lora_targets: Any = "all-linear"
+    lora_dropout: float = 0.0
+    use_dora: bool = False
+    quant: str = "none"  # none | 4bit | 8bit
+    double_quant: bool = True
+    weight_bytes: int = 2  # dtype the (non-quantised) weights are loaded in
+    autocast: bool = True  # bf16/fp16 mixed precision
+    optim: str = "adamw_torch"
+    liger: bool = False
+    attn: str = "sdpa"  # sdpa | flash_attention_2 | flex_attention | eager
+    reference: str = "adapter_disabled"  # DPO: adapter_disabled | frozen_copy | precomputed | none
+    impl: str = "lmpipeline"
+    loss_path: str = "auto"  # auto | full_logits (force the model's own logits, e.g. DPO's logits path)
+    dropout_mask_bytes: int = 1  # CUDA's native_dropout keeps a bool mask (the CPU kernel a float one)
+
+    @property
+    def rows(self) -> int:
+        return self.micro_batch * (2 if self.kind == "dpo" else 1)
+
+
+def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str = "lmpipeline",
+                     arch: Architecture | None = None, **overrides) -> Setup:
+    """The Setup of a training stage config (auto values must be resolved or overridden)."""
+    quant = "4bit" if stage.use_4bit else "8bit" if stage.use_8bit else "none"
+    if torch_dtype in ("bfloat16", "float16"):
+        weight_bytes = 2
+    elif torch_dtype == "float32":
+        weight_bytes = 4
+    else:
+        weight_bytes = 2 if (stage.bf16 or stage.fp16) else 4
+    reference = "none"
+    if kind == "dpo":
+        if getattr(stage, "loss_type", "") == "simpo" or getattr(stage, "reference", "auto") == "none":
+            reference = "none"
+        elif getattr(stage, "precompute_ref_log_probs", False):
+            reference = "precomputed"
+        elif getattr(stage, "reference", "auto") == "frozen_copy" or not stage.use_lora:
+            reference = "frozen_copy"
+        else:
+            reference = "adapter_disabled"
+    attn = stage.attn_implementation or ("eager" if arch is not None and arch.attn_softcap else "sdpa")
+    batch = stage.per_device_train_batch_size
+    gc = stage.gradient_checkpointing
+    values = dict(
+        kind=kind, micro_batch=batch if isinstance(batch, int) else 1, grad_accum=stage.gradient_accumulation_steps,
+        seq_len=stage.max_seq_length, packing=bool(stage.packing) and kind == "sft",
+        gradient_checkpointing=gc if isinstance(gc, bool) else False, use_lora=stage.use_lora,
+        lora_r=stage.lora_r, lora_targets=stage.lora_target_modules, lora_dropout=stage.lora_dropout,
+        use_dora=stage.use_dora, quant=quant, double_quant=stage.bnb_4bit_use_double_quant,
+        weight_bytes=weight_bytes, autocast=bool(stage.bf16 or stage.fp16), optim=stage.optim,
+        liger=stage.use_liger_kernel, attn=attn, reference=reference, impl=impl)
+    values.update(overrides)
+    return Setup(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def adapted_modules(arch: Architecture, targets) -> list[tuple[str, int, int, bool]]:
+    """The linear modules of a layer that LoRA wraps ("all-linear": every one; PEFT leaves lm_head out)."""
+    mods = arch.linear_modules()
+    if targets in (None, "all-linear", "all_linear"):
+        return mods
+    names = [targets] if isinstance(targets, str) else list(targets)
+    return [m for m in mods if m[0] in names or any(n.endswith(m[0]) for n in names)]
+
+
+def lora_params(arch: Architecture, setup: Setup) -> int:
+    if not setup.use_lora:
+        return 0
+    per = sum(setup.lora_r * (i + o) for _, i, o, _ in adapted_modules(arch, setup.lora_targets))
+    if setup.use_dora:
+        per += sum(o for _, _, o, _ in adapted_modules(arch, setup.lora_targets))
+    return per * arch.num_layers
+
+
+def _weights(arch: Architecture, setup: Setup) -> tuple[float, str]:
+    L = arch.num_layers
+    linear = L * arch.linear_params_per_layer
+    rest = L * (arch.bias_params_per_layer + arch.norm_params_per_layer) + arch.hidden_size
+    embed = arch.embedding_params + arch.lm_head_params
+    if setup.quant == "none":
+        total = (linear + rest + embed) * setup.weight_bytes
+        dt = {2: "bf16/fp16", 4: "fp32"}[setup.weight_bytes]
+        return total, f"{_n(arch.total_params)} parameters in {dt}"
+    # Embeddings, LM head, norms and biases are not quantised (bitsandbytes replaces nn.Linear layers
+    # only and skips the output embedding). They stay in the compute dtype, except that lmpipeline's
+    # peft.prepare_model_for_kbit_training casts them to float32.
+    other_bytes = 4 if setup.impl == "lmpipeline" else 2
+    if setup.quant == "4bit":
+        per = NF4_BYTES + (ABSMAX_DQ_BYTES if setup.double_quant else ABSMAX_BYTES)
+        q = linear * per
+        what = f"NF4 {_g(q)} ({per:.3f} B/weight incl. absmax{' double-quantised' if setup.double_quant else ''})"
+    else:
+        q = linear * INT8_BYTES + L * sum(o for _, _, o, _ in arch.linear_modules()) * 4
+        what = f"int8 {_g(q)} (1 B/weight + row scales)"
+    unq = (embed + rest) * other_bytes
+    why = " (prepare_model_for_kbit_training upcast)" if setup.impl == "lmpipeline" else ""
+    return q + unq, f"{what} + embeddings/norms {'fp32' if other_bytes == 4 else 'bf16'} {_g(unq)}{why}"
+
+
+def _optimizer_bytes_per_param(optim: str, param_bytes: int) -> tuple[float, str]:
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+        # bitsandbytes blockwise 8-bit: one byte per moment (+ an fp32 absmax per 2048 values).
+        return 2 + 8 / 2048, "8-bit AdamW (2 B/param)" + (", paged: may spill to CPU memory" if "paged" in optim else "")
+    if optim == "paged_adamw_32bit":
+        return 8.0, "paged 32-bit AdamW (8 B/param; may spill to CPU memory)"
+    if optim == "sgd":
+        return 0.0, "SGD without momentum (no state)"
+    if optim == "adafactor":
+        return 0.0, "Adafactor (factored second moment, counted per matrix)"
+    # torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
+    return 2.0 * param_bytes, f"AdamW m+v in {'fp32' if param_bytes == 4 else 'bf16'} ({2 * param_bytes} B/param)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Dtypes and code paths of one decoder layer's forward, which decide what autograd saves."""
+
+    resid: int  # bytes of the residual stream (2 in a bf16 model; 4 in fp32 or after the kbit upcast)
+    act: int  # bytes of matmul/attention outputs under autocast (2), or 4 without autocast
+    mlp_out: int  # bytes of gate/up outputs: bitsandbytes layers return their input's dtype
+    lora: bool
+    dropout: bool
+    full_ft: bool
+    liger: bool
+    gqa_native: bool  # k/v saved at KV-head width (flash, flex, or SDPA without a mask)
+    masked: bool  # SDPA gets a 4D mask (padding, or packed rows' block-diagonal mask)
+    eager: bool
+
+
+def _flow(setup: Setup) -> Flow:
+    fp32_model = setup.weight_bytes == 4 and setup.quant == "none"
+    kbit_upcast = setup.quant != "none" and setup.impl == "lmpipeline"
+    resid = 4 if (fp32_model or kbit_upcast) else 2
+    act = 2 if (setup.autocast or setup.weight_bytes == 2) else 4
+    mlp_out = resid if setup.quant != "none" else act
+    masked = setup.attn in ("sdpa", "eager") and (setup.packing or setup.rows > 1 or setup.kind == "dpo")
+    return Flow(resid=resid, act=act, mlp_out=mlp_out, lora=setup.use_lora,
+                dropout=setup.use_lora and setup.lora_dropout > 0, full_ft=not setup.use_lora, liger=setup.liger,
+                gqa_native=setup.attn in ("flash_attention_2", "flash_attention_3", "flex_attention") or not masked,
+                masked=masked and setup.attn == "sdpa", eager=setup.attn == "eager")
+
+
+def _layer_terms(arch: Architecture, setup: Setup, ctx_len: int) -> dict[str, float]:
+    """Bytes autograd saves per token in one decoder layer (no checkpointing), by source."""
+    f = _flow(setup)
+    H, I, Q, KV = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
+    a = f.act
+    t: dict[str, float] = {}
+    # RMSNorm (HF): x.to(float32) is saved by pow/mul (4 bytes/elem whatever the input dtype); a
+    # trainable weight also saves the normalised input for its gradient. Liger's RMSNorm saves x + rstd.
+    per_norm = (f.resid if f.liger else 4) * H + ((4 if arch.norm_fp32_math else f.resid) * H if f.full_ft else 0)
+    t["norms"] = arch.norms_per_layer * per_norm
+    if arch.qk_norm:  # Qwen3: the same on every query and key head
+        t["norms"] += (4 + (a if f.full_ft else 0)) * (Q + KV)
+    # Inputs the linear layers save. Frozen base weights save no input (autograd keeps only what the
+    # weight's gradient would need); LoRA's A matrix saves its input; full fine-tuning saves each input once.
+    adapted = {m[0] for m in adapted_modules(arch, setup.lora_targets)} if f.lora else set()
+    if arch.fused_qkv:
+        groups = [("qkv_proj",), ("o_proj",), ("gate_up_proj",), ("down_proj",)]
+    else:
+        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+    in_dim = {"q_proj": H, "k_proj": H, "v_proj": H, "qkv_proj": H, "o_proj": Q, "gate_proj": H, "up_proj": H,
+              "gate_up_proj": H, "down_proj": I}
+    in_bytes = {"o_proj": a, "down_proj": f.mlp_out}
+    bnb = setup.quant != "none"
+    proj = 0.0
+    for group in groups:
+        d = in_dim[group[0]]
+        xb = in_bytes.get(group[0], 4 if f.resid == 4 else a)  # a norm's output dtype
+        # o_proj reads the attention output, which SDPA/flash already saved (same storage, a view).
+        shared_with_attention = group[0] == "o_proj" and not f.eager
+        if f.full_ft:
+            proj += 0 if shared_with_attention else xb * d
+            continue
+        hit = [m for m in group if m in adapted]
+        if not hit:
+            continue
+        # lora_B saves lora_A's output (r values per token and module).
+        proj += len(hit) * setup.lora_r * (2 if setup.autocast else 4)
+        if f.dropout:
+            # Each module saves its own dropped-out input (bf16 under autocast) and the dropout mask
+            # (bool on CUDA: native_dropout; the CPU kernel keeps a float mask).
+            proj += len(hit) * (max(xb, 2 if setup.autocast else 4) + setup.dropout_mask_bytes) * d
+            continue
+        # PEFT casts a plain nn.Linear's input to the adapter dtype (fp32) and autocast then casts it to
+        # bf16 for lora_A: a new tensor per module. Under autocast bitsandbytes layers skip PEFT's cast
+        # (peft/tuners/lora/bnb.py), so only an fp32 input is copied. Without autocast only a non-fp32
+        # input is cast (to fp32); an fp32 input is shared by the modules that read it.
+        if setup.autocast:
+            if (not bnb) or xb == 4:
+                proj += len(hit) * 2 * d
+            elif not shared_with_attention:
+                proj += xb * d
+        elif xb != 4:
+            proj += len(hit) * 4 * d
+        elif not shared_with_attention:
+            proj += 4 * d
+    t["linear inputs"] = proj
+    # Attention. SDPA/flash save q, k, v, the output and the log-sum-exp; with a mask transformers'
+    # SDPA path repeats k/v to all heads first (use_gqa_in_sdpa is False when a mask is passed) and
+    # SDPA saves the float mask it converts the boolean one to. Eager attention saves q and the repeated
+    # k (for the scores), the softmax in fp32 and its copy in the compute dtype, the tanh-capped scores
+    # (Gemma-2) and the repeated v.
+    kv_width = KV if f.gqa_native else Q
+    if f.eager:
+        per_score = 4 + a + (a if arch.attn_softcap else 0)
+        attn = a * Q + 2 * a * Q + arch.num_heads * ctx_len * per_score
+    else:
+        attn = a * Q + 2 * a * kv_width + a * Q + 4 * arch.num_heads
+    if arch.fused_qkv and (kv_width == KV or arch.num_kv_heads == arch.num_heads):
+        attn += a * (Q + KV)  # Phi-3: v is a view of the fused qkv output, which stays alive whole
+    if f.masked:
+        attn += a * ctx_len
+    t["attention"] = attn
+    # MLP (SwiGLU/GeGLU): the activation saves its input (gate output), the product saves both factors
+    # (up output and act(gate)). Liger's fused SwiGLU saves the two projections and recomputes the rest.
+    t["mlp"] = (2 if f.liger else 3) * f.mlp_out * I
+    return t
+
+
+def layer_constant_bytes(arch: Architecture, setup: Setup) -> float:
+    """Per-layer saved bytes that do not grow with tokens: autocast's bf16 copies of the fp32 LoRA weights."""
+    if not (setup.use_lora and setup.autocast):
+        return 0.0
+    return sum(2 * setup.lora_r * (i + o) for _, i, o, _ in adapted_modules(arch, setup.lora_targets))
+
+
+def layer_activation_bytes(arch: Architecture, setup: Setup, ctx_len: int | None = None) -> float:
+    """Saved bytes per token of one decoder layer without checkpointing (see _layer_terms)."""
+    return sum(_layer_terms(arch, setup, ctx_len or setup.seq_len).values())
+
+
+def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -> tuple[float, str]:
+    """Bytes the loss holds at its own peak (logits and their gradients), for `tokens` in the micro-batch
+    and `positions` scored through the LM head."""
+    V, H = arch.vocab_size, arch.hidden_size
+    # An fp32 LM head (the kbit upcast) is cast to bf16 by autocast on every call: a head-sized copy.
+    head_fp32 = setup.quant != "none" and setup.impl == "lmpipeline" and setup.autocast
+    cast = 2 * V * H if head_fp32 else 0
+    if setup.liger and setup.kind == "sft":
+        # Liger fused linear cross-entropy: chunks of next_pow2(tokens / ceil(V/H)) rows in fp32, and
+        # the input gradient (tokens x hidden) computed in the forward.
+        chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(V / H))))))
+        return 6 * chunk * V + 2 * tokens * H + cast, f"Liger fused linear cross-entropy ({chunk}-row chunks)"
+    fused_ok = arch.final_softcap is None and setup.loss_path != "full_logits"
+    if setup.impl == "trl" and fused_ok:
+        rows = min(positions, TRL_TILE_TOKENS)
+        return 2 * rows * TRL_TILE_VOCAB + 4 * positions * H + 32 * positions, "TRL fused LM head (4096 x 32768 tiles)"
+    if setup.kind == "dpo" and fused_ok:
+        rows = max(1, OURS_DPO_CHUNK_ELEMENTS // V)
+        n = min(positions, rows)
+        # per chunk: bf16 logits, their fp32 copy and the softmax gradient (+ its fp32 cast for an fp32 head)
+        per = 16 if head_fp32 else 12
+        return per * n * V + 4 * positions * H + cast, f"chunked completion log-probs ({rows}-row chunks)"
+    # Full logits: bf16 logits + float32 upcast + log-softmax in the forward (10 B), and in the backward
+    # the saved log-softmax, its incoming gradient and its input gradient (12 B), per token x vocabulary.
+    return 12.0 * tokens * V + cast, f"full logits {V:,} x {tokens:,} tokens (fp32 upcast + log-softmax)"
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak allocated bytes of one training step, split by what holds them at that moment."""
+
+    parts: dict[str, float]
+    details: dict[str, str]
+    peak: float
+    phase: str
+    tokens: int  # tokens in the peak micro-batch (padding included)
+    row_len: int  # padded row length of that micro-batch
+    trainable: int
+    notes: list[str] = field(default_factory=list)
+    off_peak: dict[str, float] = field(default_factory=dict)  # candidates that were not the maximum
+
+    @property
+    def required(self) -> float:
+        return hardware.required_bytes(self.peak)
+
+    def as_dict(self) -> dict:
+        return {"peak_gib": round(self.peak / GIB, 3), "required_gib": round(self.required / GIB, 3),
+                "phase": self.phase, "tokens_per_micro_batch": self.tokens,
+                "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()}, "trainable": self.trainable}
+
+
+def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | None = None,
+                    rows_seen: int | None = None) -> MemoryEstimate:
+    """Peak allocated GPU memory of one step of `setup` on `arch` (one device; DDP replicates it)."""
+    profile = profile or TokenProfile()
+    L, H, I, V = arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    notes: list[str] = []
+    details: dict[str, str] = {}
+
+    # Static: weights, adapters, gradients, optimizer state.
+    weights, details["weights"] = _weights(arch, setup)
+    n_lora = lora_params(arch, setup)
+    if setup.use_lora:
+        trainable, param_bytes = n_lora, 4  # PEFT keeps adapters in fp32 (autocast_adapter_dtype=True)
+        adapters = n_lora * 4
+        details["LoRA adapters"] = f"{_n(n_lora)} trainable parameters in fp32"
+    else:
+        trainable, param_bytes = arch.total_params, setup.weight_bytes
+        adapters = 0.0
+        if setup.weight_bytes == 2:
+            notes.append("full fine-tuning of bf16 weights: AdamW state and updates in bf16 (no fp32 master copy)")
+    grads = trainable * param_bytes
+    details["gradients"] = f"{_n(trainable)} x {param_bytes} B"
+    per_param, opt_what = _optimizer_bytes_per_param(setup.optim, param_bytes)
+    optim = trainable * per_param
+    if setup.optim == "adafactor":
+        mats = adapted_modules(arch, setup.lora_targets) if setup.use_lora else arch.linear_modules()
+        factored = sum((setup.lora_r + i) + (setup.lora_r + o) if setup.use_lora else i + o for _, i, o, _ in mats)
+        optim = 4 * L * factored + (0 if setup.use_lora else 4 * (arch.embedding_params + arch.lm_head_params) / H * 2)
+    details["optimizer"] = opt_what
+    reference = 0.0
+    if setup.kind == "dpo" and setup.reference == "frozen_copy":
+        reference = weights
+        details["reference model"] = "frozen copy of the starting weights (full fine-tuning)"
+    static = weights + adapters + grads + optim + reference
+
+    # Tokens of the peak micro-batch: packed rows are full; padded rows are as long as the longest row.
+    rows = setup.rows
+    seen = rows_seen or (profile.rows or 10**6)
+    row_len = setup.seq_len if setup.packing else profile.longest(seen, setup.seq_len)
+    tokens = rows * row_len
+    # transformers flattens our packed micro-batch into one [1, rows x len] row with a block mask.
+    ctx = tokens if setup.packing else row_len
+    flow = _flow(setup)
+    terms = _layer_terms(arch, setup, ctx)
+    per_layer = sum(terms.values())
+    ckpt = flow.resid * H  # each checkpointed layer keeps only its input
+    head_in = (4 + flow.act) * H  # final norm (fp32 copy) and the LM head's input
+    bwd = (BWD_TRANSIENT_HIDDEN * H + BWD_TRANSIENT_INTERMEDIATE * I) * (flow.act // 2 if flow.act > 2 else 1)
+    positions = tokens  # positions scored through the head (completion-only paths score fewer)
+    loss, loss_what = _loss_bytes(arch, setup, tokens, positions)
+    const = layer_constant_bytes(arch, setup)
+    if setup.gradient_checkpointing:
+        saved = (L * ckpt + head_in) * tokens
+        layer_work = (per_layer + bwd) * tokens + const
+        act_what = f"{L} checkpointed layer inputs {_g(L * ckpt * tokens)}"
+        work_what = f" + one layer recomputed with its gradients {_g(layer_work)}"
+    else:
+        saved = (L * per_layer + head_in) * tokens + L * const
+        layer_work = bwd * tokens
+        act_what = f"{L} layers x {per_layer / H:.1f} x hidden bytes per token"
+        work_what = f" + gradients in flight {_g(layer_work)}"
+    if layer_work >= loss:
+        activations, loss_part, backward_phase = saved + layer_work, 0.0, "backward (a layer's gradients)"
+        off = {"logits/loss": loss}
+        act_what += work_what
+    else:
+        activations, loss_part, backward_phase = saved, loss, "backward (the loss over the vocabulary)"
+        off = {"layer backward": layer_work}
+    details["activations"] = act_what
+    details["logits/loss"] = loss_what
+    if setup.quant != "none":
+        # bitsandbytes dequantises one weight at a time to the compute dtype for the matmul.
+        activations += 2 * max(i * o for _, i, o, _ in arch.linear_modules())
+    if setup.use_dora:
+        notes.append("DoRA builds each adapted weight (W + BA) to take its norm: a weight-sized temporary per module")
+        activations += 6 * max(i * o for _, i, o, _ in adapted_modules(arch, setup.lora_targets))
+    backward_peak = static + activations + loss_part
+
+    # The optimizer step: foreach AdamW makes one state-sized temporary (torch/optim/adamw.py).
+    step_tmp = trainable * param_bytes if setup.optim in ("adamw_torch", "adamw", "adamw_torch_fused") else 0
+    step_peak = static + step_tmp
+    parts = {"weights": weights, "LoRA adapters": adapters, "gradients": grads, "optimizer": optim,
+             "reference model": reference}
+    if step_peak > backward_peak:
+        parts["optimizer temporaries"] = step_tmp
+        peak, phase = step_peak, "optimizer step"
+        off = {"activations": activations + loss_part}
+    else:
+        parts["activations"] = activations
+        parts["logits/loss"] = loss_part
+        peak, phase = backward_peak, backward_phase
+    parts = {k: v for k, v in parts.items() if v > 0}
+
+    if setup.packing and setup.attn == "sdpa":
+        notes.append("packed rows on SDPA use a dense block-diagonal mask (slow, and its memory is counted); "
+                     "flex_attention or flash_attention_2 avoid it")
+    if setup.kind == "sft" and setup.impl == "lmpipeline" and not setup.liger and loss > 0.25 * peak:
+        notes.append(f"full-vocabulary logits cost {_g(loss)} here: use_liger_kernel: true computes the loss in chunks")
+    if setup.quant != "none" and setup.impl == "lmpipeline":
+        notes.append("prepare_model_for_kbit_training casts embeddings and norms to fp32 (and so the residual stream)")
+    if setup.kind == "dpo" and setup.reference == "adapter_disabled":
+        notes.append("DPO reference = the model with its adapter disabled: no second copy, one extra no-grad forward")
+    notes.extend(arch.notes)
+    return MemoryEstimate(parts, details, peak, phase, tokens, row_len, trainable, notes, off)
+
+
+# ----------------------------------------------------------------------------------------------
+# Time
+
+
+@dataclass
+class TimeEstimate:
+    flops_per_token: float
+    tokens_per_epoch: float | None
+    steps_per_epoch: int | None
+    total_steps: int | None
+    total_tokens: float | None
+    tokens_per_second: float
+    seconds_per_epoch: float | None
+    seconds_total: float | None
+    mfu: float
+    basis: str
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profile: TokenProfile | None = None, *,
+                  epochs: float = 1.0, max_steps: int = -1, world: int = 1, mfu: float = DEFAULT_MFU) -> TimeEstimate:
+    profile = profile or TokenProfile()
+    N = arch.matmul_params
+    k = (4 if setup.use_lora else 6) + (2 if setup.gradient_checkpointing else 0)
+    ref = 2 if setup.kind == "dpo" and setup.reference in ("adapter_disabled", "frozen_copy") else 0
+    flops_per_token = (k + ref) * N
+    mean = profile.mean(setup.seq_len)
+    rows_per_step = setup.rows * setup.grad_accum * world
+    inflation = 1.0 if setup.packing else profile.padding_inflation(setup.rows, setup.seq_len)
+    micro_tokens = setup.micro_batch * setup.seq_len if setup.packing else setup.rows * mean * inflation
+    eff = mfu * QUANT_SPEED.get(setup.quant, 1.0) * min(1.0, micro_tokens / FULL_MFU_TOKENS)
+    eff = max(eff, MIN_MFU * QUANT_SPEED.get(setup.quant, 1.0))
+    computed_per_s = eff * device.matmul_tflops * 1e12 / flops_per_token
+    tokens_per_s = computed_per_s / inflation
+    if profile.rows:
+        n_rows = profile.rows * (2 if setup.kind == "dpo" else 1)
+        tokens_per_epoch = n_rows * mean
+        if setup.packing:
+            steps = math.ceil(tokens_per_epoch / (setup.micro_batch * setup.seq_len * 0.97) / (setup.grad_accum * world))
+        else:
+            steps = math.ceil(n_rows / rows_per_step)
+        basis = f"{profile.rows:,} rows x {mean:,.0f} tokens ({profile.source})"
+    else:
+        tokens_per_epoch, steps = None, None
+        basis = "dataset size unknown"
+    if max_steps and max_steps > 0:
+        total_steps = max_steps
+        if setup.packing:
+            per_step = setup.micro_batch * setup.seq_len * 0.97 * setup.grad_accum * world
+        else:
+            per_step = rows_per_step * mean
+        total_tokens = total_steps * per_step
+        if not profile.rows and not profile.lengths:
+            basis = f"max_steps {max_steps} x {rows_per_step} rows x {setup.seq_len} tokens (upper bound: row lengths unknown)"
+        elif not profile.rows:
+            basis = f"max_steps {max_steps} x {rows_per_step} rows x {mean:,.0f} tokens ({profile.source})"
+    elif tokens_per_epoch is not None:
+        total_steps = math.ceil(epochs * steps)
+        total_tokens = epochs * tokens_per_epoch
+    else:
+        total_steps, total_tokens = None, None
+    return TimeEstimate(
+        flops_per_token=float(flops_per_token), tokens_per_epoch=tokens_per_epoch, steps_per_epoch=steps,
+        total_steps=total_steps, total_tokens=total_tokens, tokens_per_second=tokens_per_s,
+        seconds_per_epoch=tokens_per_epoch / tokens_per_s / world if tokens_per_epoch else None,
+        seconds_total=total_tokens / tokens_per_s / world if total_tokens else None,
+        mfu=eff, basis=basis)
+
+
+# ----------------------------------------------------------------------------------------------
+# What would make it fit
+
+
+def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile: TokenProfile | None = None,
+                rows_seen: int | None = None) -> list[tuple[str, float, bool]]:
+    """Changes that lower the peak, each with its new peak and whether it fits `device`: (text, peak, fits)."""
+    out: list[tuple[str, float, bool]] = []
+    current = estimate_memory(arch, setup, profile, rows_seen).peak
+
+    def add(text: str, **changes):
+        est = estimate_memory(arch, replace(setup, **changes), profile, rows_seen)
+        if est.peak < current:  # e.g. QLoRA without checkpointing can cost more here (fp32 activations)
+            out.append((text, est.peak, hardware.fits(est.peak, device)))
+
+    if not setup.gradient_checkpointing:
+        add("gradient_checkpointing: true", gradient_checkpointing=True)
+    if setup.kind == "sft" and not setup.liger and setup.impl == "lmpipeline":
+        add("use_liger_kernel: true (chunked loss, no full logits)", liger=True)
+    if setup.use_lora and setup.quant == "none":
+        add("use_4bit: true (QLoRA)", quant="4bit")
+    if not setup.use_lora:
+        add("use_lora: true", use_lora=True)
+        add("use_lora: true + use_4bit: true (QLoRA)", use_lora=True, quant="4bit")
+        if setup.optim in ("adamw_torch", "adamw", "adamw_torch_fused"):
+            add("optim: adamw_8bit", optim="adamw_8bit")
+    if setup.micro_batch > 1:
+        b = max(1, setup.micro_batch // 2)
+        ga = setup.grad_accum * setup.micro_batch // b
+        add(f"per_device_train_batch_size: {b}, gradient_accumulation_steps: {ga} (same global batch)",
+            micro_batch=b, grad_accum=ga)
+        if b > 1:
+            add(f"per_device_train_batch_size: 1, gradient_accumulation_steps: {setup.grad_accum * setup.micro_batch}",
+                micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
+    if setup.seq_len > 512:
+        add(f"max_seq_length: {setup.seq_len // 2}", seq_len=setup.seq_len // 2)
+    combo = dict(gradient_checkpointing=True, micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
+    if setup.use_lora and setup.quant == "none":
+        combo["quant"] = "4bit"
+    if setup.kind == "sft" and setup.impl == "lmpipeline":
+        combo["liger"] = True
+    if len(combo) > 1:
+        add("all of: " + ", ".join(f"{k}={v}" for k, v in combo.items()), **combo)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for reports
+
+
+def _g(b: float) -> str:
+    return f"{b / GIB:.2f} GiB"
+
+
+def _n(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n:,.0f}"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the data cheaply: row count and a sample of lengths (local files only; never the Hub)
+
+CHARS_PER_TOKEN = 4.0  # English text through a Llama-3/Qwen/Mistral BPE: about 4 characters a token
+TEMPLATE_TOKENS = 8  # chat-template markers a row adds (role headers, end-of-turn tokens)
+SAMPLE_ROWS = 256
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):  # role names and type tags are template tokens, counted in TEMPLATE_TOKENS
+        return [s for k, v in value.items() if k not in ("role", "from", "type", "name") for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _load_counter(tokenizer_path: str | None):
+    """A token counter: the tokenizer when it is on disk, else characters / CHARS_PER_TOKEN."""
+    from pathlib import Path
+
+    folder = Path(str(tokenizer_path)).expanduser() if tokenizer_path else None
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if folder is not None and folder.is_dir() and any((folder / f).is_file() for f in files):
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(folder))
+
+            def count(text: str) -> int:
+                return len(tok(text, add_special_tokens=False)["input_ids"])
+
+            if count("Hello world, this is a test.") > 0:
+                return count, f"tokenizer {tokenizer_path}"
+        except Exception:  # noqa: BLE001 - no usable tokenizer there: fall back to the character rule
+            pass
+    return (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN)), f"~{CHARS_PER_TOKEN:.0f} characters a token"
+
+
+def _jsonl_sample(path, sample: int) -> tuple[int, list[dict]]:
+    """(non-empty lines, up to `sample` rows at evenly spaced lines) of a plain JSONL file: two passes over
+    the bytes, JSON-parsing only the sampled lines, so a multi-GB file costs seconds."""
+    import json
+
+    with open(path, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    wanted = {int(i * n / sample) for i in range(sample)} if n > sample else set(range(n))
+    rows, i = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if i in wanted:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if isinstance(row, dict):
+                    rows.append(row)
+            i += 1
+    return n, rows
+
+
+def profile_data(stage, kind: str, tokenizer_path: str | None = None, sample: int = SAMPLE_ROWS) -> TokenProfile:
+    """Rows and a length sample of a training stage's local data; an empty profile for Hub datasets."""
+    from pathlib import Path
+
+    from lmpipeline.data.readers import read_rows
+
+    spec = stage.dataset_name_or_path
+    specs = [(spec, stage.dataset_split, stage.max_samples)] if isinstance(spec, str) else \
+        [(s.path, s.split, s.max_samples) for s in (spec or [])]
+    if not specs or not all(Path(str(p)).expanduser().exists() for p, _, _ in specs):
+        return TokenProfile(source="data not readable here (Hub dataset or missing path): row lengths unknown")
+    count, how = _load_counter(tokenizer_path)
+    rng = random.Random(0)
+    total = 0
+    picked: list[dict] = []
+    try:
+        for path, split, cap in specs:
+            p = Path(str(path)).expanduser()
+            if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
+                n, rows = _jsonl_sample(p, sample)
+                n = min(n, cap) if cap else n
+                picked.extend(rows)
+                total += n
+                continue
+            n = 0
+            for _, row in read_rows(path, split=None if split == "train" else split, text_field=stage.dataset_text_field):
+                if not isinstance(row, dict):
+                    continue
+                n += 1
+                if len(picked) < sample:
+                    picked.append(row)
+                else:  # reservoir sampling keeps a uniform sample of every row read
+                    j = rng.randrange(total + n)
+                    if j < sample:
+                        picked[j] = row
+                if cap and n >= cap:
+                    break
+            total += n
+    except Exception as e:  # noqa: BLE001 - the estimate must not fail on data the run would report anyway
+        return TokenProfile(source=f"data could not be read for the estimate ({type(e).__name__}): row lengths unknown")
+    if stage.max_samples:
+        total = min(total, stage.max_samples)
+    total = int(total * (1 - stage.validation_split_ratio)) if not stage.eval_dataset_name_or_path else total
+    lengths, means = [], []
+    for row in picked:
+        if kind == "dpo" and "chosen" in row and "rejected" in row:
+            c = sum(count(s) for s in _strings(row["chosen"]))
+            r = sum(count(s) for s in _strings(row["rejected"]))
+            p = sum(count(s) for k, v in row.items() if k not in ("chosen", "rejected") for s in _strings(v))
+            lengths.append(p + max(c, r) + TEMPLATE_TOKENS)
+            means.append(p + (c + r) / 2 + TEMPLATE_TOKENS)
+        else:
+            n = sum(count(s) for s in _strings(row)) + TEMPLATE_TOKENS
+            lengths.append(n)
+            means.append(n)
+    if not lengths:
+        return TokenProfile(rows=total, source="no rows read")
+    return TokenProfile(rows=total, mean_tokens=sum(means) / len(means), lengths=lengths,
+                        source=f"{len(lengths)} sampled rows, {how}")
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole config: one plan per training stage
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    arch: Architecture | None = None
+    setup: Setup | None = None
+    profile: TokenProfile = field(default_factory=TokenProfile)
+    memory: MemoryEstimate | None = None
+    time: TimeEstimate | None = None
+    device: hardware.GPU | None = None  # the GPU asked about (--gpu, or the one present)
+    fits: bool | None = None
+    smallest: hardware.GPU | None = None
+    table: list[tuple[hardware.GPU, bool]] = field(default_factory=list)
+    suggestions: list[tuple[str, float, bool]] = field(default_factory=list)
+    resolved: dict[str, Any] = field(default_factory=dict)  # auto values and what they resolved to
+    notes: list[str] = field(default_factory=list)
+    reason: str | None = None  # why there is no estimate
+
+    def as_dict(self) -> dict:
+        out: dict[str, Any] = {"stage": self.name, "kind": self.kind, "fits_on": [g.name for g, ok in self.table if ok]}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.arch is not None:
+            out["model"] = {"name": self.arch.name, "source": self.arch.source, "parameters": self.arch.total_params}
+        if self.memory is not None:
+            out["memory"] = self.memory.as_dict()
+        if self.time is not None:
+            out["time"] = self.time.as_dict()
+        if self.device is not None:
+            out["gpu"] = {"name": self.device.name, "memory_gib": round(self.device.memory_gib, 1), "fits": self.fits}
+        out["smallest_gpu"] = self.smallest.name if self.smallest else None
+        if self.resolved:
+            out["resolved"] = self.resolved
+        return out
+
+
+def rows_seen(stage, profile: TokenProfile, kind: str) -> int | None:
+    """Rows the run draws (what the longest padded micro-batch depends on)."""
+    b = stage.per_device_train_batch_size if isinstance(stage.per_device_train_batch_size, int) else 1
+    by_steps = stage.max_steps * b * stage.gradient_accumulation_steps if stage.max_steps > 0 else None
+    by_rows = int(profile.rows * max(1.0, stage.num_train_epochs)) if profile.rows else None
+    if by_steps and by_rows:
+        return min(by_steps, by_rows)
+    return by_steps or by_rows
+
+
+def plan_stage(stage, kind: str, arch: Architecture | None, *, device: hardware.GPU | None = None,
+               torch_dtype: str = "auto", impl: str = "lmpipeline", profile: TokenProfile | None = None,
+               world: int = 1) -> StagePlan:
+    """Memory, time and fit of one training stage config (auto values resolved for `device`)."""
+    from lmpipeline.plan import autofit
+
+    plan = StagePlan(stage.stage_name or kind, kind, arch, profile=profile or TokenProfile(), device=device)
+    if arch is None:
+        plan.reason = "model architecture unknown (not a local folder, not a shipped config, not in the HF cache)"
+        return plan
+    resolved, derived, messages = autofit.resolve_auto(stage, arch, device, kind=kind, profile=plan.profile,
+                                                       torch_dtype=torch_dtype, impl=impl)
+    plan.resolved = derived
+    plan.notes.extend(m for m in messages if " -> " not in m)  # the resolved values are shown on their own
+    plan.setup = setup_from_stage(resolved, kind, torch_dtype=torch_dtype, impl=impl, arch=arch)
+    seen = rows_seen(resolved, plan.profile, kind)
+    plan.memory = estimate_memory(arch, plan.setup, plan.profile, seen)
+    plan.table = [(g, hardware.fits(plan.memory.peak, g)) for g in hardware.GPUS]
+    plan.smallest = hardware.smallest_fitting(plan.memory.peak)
+    speed_gpu = device or hardware.gpu("h100-80gb")
+    plan.time = estimate_time(arch, plan.setup, speed_gpu, plan.profile, epochs=resolved.num_train_epochs,
+                              max_steps=resolved.max_steps, world=world)
+    if device is not None:
+        plan.fits = hardware.fits(plan.memory.peak, device)
+        if not plan.fits:
+            plan.suggestions = suggestions(arch, plan.setup, device, plan.profile, seen)
+        if (resolved.bf16 and not device.bf16):
+            plan.notes.append(f"{device.label} has no bfloat16 tensor cores: use fp16: true instead of bf16")
+    return plan
+
+
+def plan_config(cfg, *, device: hardware.GPU | None = None, impl: str = "lmpipeline", read_data: bool = True) -> list[StagePlan]:
+    """One StagePlan per training stage of a loaded PipelineConfig."""
+    from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
+    from lmpipeline.plan.presets import resolve_architecture
+
+    arch = resolve_architecture(cfg.model_name_or_path, preset=getattr(cfg, "preset", None))
+    tok = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    plans = []
+    for name in cfg.stages:
+        kind = STAGE_ALIASES.get(name)
+        if kind not in TRAINING_KINDS:
+            continue
+        stage = cfg.stage(name)
+        profile = profile_data(stage, kind, tok) if read_data else TokenProfile()
+        plans.append(plan_stage(stage, kind, arch, device=device, torch_dtype=cfg.torch_dtype, impl=impl,
+                                profile=profile))
+    return plans

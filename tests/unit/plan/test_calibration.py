@@ -1,0 +1,100 @@
+"""The estimator against measured GPU peaks (torch.cuda.max_memory_allocated), within 15%.
+
+Measured on the device tool's H100 (GUIDE section 5; raw rows in ../shared/bench/h100_*_results.jsonl):
+random-init Llama-3.2-3B, LoRA r16 on all 7 projections, adamw_8bit, batch 2 x GA 4 unless stated; SFT
+rows are alpaca-like (lognormal, median 200 tokens, sigma 0.7, clipped 16..2048, 3,000 rows, seed 0), DPO
+pairs UltraFeedback-like (prompt median 150, answers median 220, each clipped 8..512, max length 1024).
+These are TRL 1.15 runs, estimated with impl="trl" (fused LM head, bf16 embeddings under 4-bit).
+The last rows are lmpipeline's own DPO stage on the same bench (methods/dpo.py docstring), impl="lmpipeline".
+"""
+
+import numpy as np
+import pytest
+
+from lmpipeline.plan.estimate import GIB, Setup, TokenProfile, estimate_memory
+from lmpipeline.plan.presets import load_shipped
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sft_bench_profile() -> TokenProfile:
+    # ../shared/bench/sft_anchor_bench.py: dataset(3000), numpy default_rng(0)
+    rng = np.random.default_rng(0)
+    lens = np.clip(rng.lognormal(np.log(200), 0.7, 3000).astype(int), 16, 2048)
+    return TokenProfile(rows=3000, lengths=lens.tolist(), source="bench")
+
+
+def dpo_bench_profile() -> TokenProfile:
+    # ../shared/bench/dpo_anchor_bench.py: dataset(25 * 8 + 64); a row is prompt + answer, one token a word
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(25 * 8 + 64):
+        p = int(np.clip(rng.lognormal(np.log(150), 0.7), 8, 512))
+        c = int(np.clip(rng.lognormal(np.log(220), 0.7), 8, 512))
+        r = int(np.clip(rng.lognormal(np.log(220), 0.7), 8, 512))
+        rows.append(p + max(c, r))
+    return TokenProfile(rows=len(rows), lengths=rows, source="bench")
+
+
+BASE = dict(micro_batch=2, grad_accum=4, seq_len=2048, gradient_checkpointing=True, lora_r=16, lora_targets=TARGETS,
+            lora_dropout=0.0, optim="adamw_8bit", impl="trl")
+# (name, measured GiB, setup changes, profile, rows drawn: SFT 60 steps x 8 rows unpacked, 30 x 8 packed;
+#  DPO 25 steps x 8 pairs)
+CASES = [
+    ("TRL QLoRA NF4, padded, checkpointing", 3.39, dict(quant="4bit"), "sft", 480),
+    ("TRL bf16 LoRA, padded, checkpointing", 7.58, dict(), "sft", 480),
+    ("TRL bf16 LoRA, packed 2 x 2048, checkpointing", 7.87, dict(packing=True), "sft", 240),
+    ("TRL + Liger, packed 2 x 2048, checkpointing", 7.71, dict(packing=True, liger=True), "sft", 240),
+    ("TRL + Liger, packed 2 x 2048, no checkpointing", 20.70,
+     dict(packing=True, liger=True, gradient_checkpointing=False), "sft", 240),
+    ("TRL + Liger, packed 8 x 2048, checkpointing", 12.48,
+     dict(packing=True, liger=True, micro_batch=8, grad_accum=1), "sft", 240),
+    ("TRL DPO QLoRA, <= 1024, checkpointing", 3.46, dict(kind="dpo", quant="4bit", seq_len=1024), "dpo", 200),
+    ("TRL DPO bf16 LoRA, <= 1024, checkpointing", 7.69, dict(kind="dpo", seq_len=1024), "dpo", 200),
+    ("lmpipeline DPO QLoRA, fused head", 6.5, dict(kind="dpo", quant="4bit", seq_len=1024, impl="lmpipeline"), "dpo", 200),
+    ("lmpipeline DPO bf16 LoRA, fused head", 8.0, dict(kind="dpo", seq_len=1024, impl="lmpipeline"), "dpo", 200),
+    ("lmpipeline DPO QLoRA, full logits", 10.8,
+     dict(kind="dpo", quant="4bit", seq_len=1024, impl="lmpipeline", loss_path="full_logits"), "dpo", 200),
+    ("lmpipeline DPO bf16 LoRA, full logits", 12.5,
+     dict(kind="dpo", seq_len=1024, impl="lmpipeline", loss_path="full_logits"), "dpo", 200),
+]
+
+
+def estimate_case(changes, data, seen):
+    arch = load_shipped("llama-3.2-3b")
+    profile = sft_bench_profile() if data == "sft" else dpo_bench_profile()
+    return estimate_memory(arch, Setup(**{**BASE, **changes}), profile, rows_seen=seen)
+
+
+@pytest.mark.parametrize("name, measured, changes, data, seen", CASES, ids=[c[0] for c in CASES])
+def test_estimate_within_15_percent_of_measured_peak(name, measured, changes, data, seen):
+    est = estimate_case(changes, data, seen)
+    assert est.peak / GIB == pytest.approx(measured, rel=0.15), f"{name}: {est.peak / GIB:.2f} GiB vs {measured}"
+
+
+def test_the_guide_settings_are_within_5_percent_except_trl_dpo_qlora():
+    """Tighter than the acceptance bound, to catch drift: every case but TRL's DPO QLoRA is within 5%
+    (that one is 12% high: TRL's QLoRA peaks sit ~0.3 GiB below its bf16 peaks beyond the weights)."""
+    for name, measured, changes, data, seen in CASES:
+        err = estimate_case(changes, data, seen).peak / GIB / measured - 1
+        limit = 0.15 if name == "TRL DPO QLoRA, <= 1024, checkpointing" else 0.05
+        assert abs(err) < limit, (name, err)
+
+
+# Throughput of the same runs (tokens/s, H100): the time model within 40% (its docstring says +-50%).
+TIME_CASES = [
+    ("packed, checkpointing", 8099, dict(packing=True)),
+    ("packed, no checkpointing, Liger", 12459, dict(packing=True, liger=True, gradient_checkpointing=False)),
+    ("padded, checkpointing", 749, dict()),
+    ("QLoRA padded, checkpointing", 666, dict(quant="4bit")),
+]
+
+
+@pytest.mark.parametrize("name, measured, changes", TIME_CASES, ids=[c[0] for c in TIME_CASES])
+def test_time_model_against_bench_throughput(name, measured, changes):
+    from lmpipeline.plan import hardware
+    from lmpipeline.plan.estimate import estimate_time
+
+    t = estimate_time(load_shipped("llama-3.2-3b"), Setup(**{**BASE, **changes}), hardware.gpu("h100-80gb"),
+                      sft_bench_profile())
+    assert t.tokens_per_second == pytest.approx(measured, rel=0.4), name

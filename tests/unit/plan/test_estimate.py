@@ -1,0 +1,224 @@
+"""The memory and time model: its per-layer activation terms against what autograd really saves (CPU),
+and the shape of an estimate: parts add up, and the usual levers move the peak the right way."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lmpipeline.plan import hardware
+from lmpipeline.plan.estimate import (GIB, Setup, TokenProfile, estimate_memory, estimate_time,
+                                      layer_activation_bytes, layer_constant_bytes, suggestions)
+from lmpipeline.plan.presets import Architecture, load_shipped
+
+from .saved_bytes import build, saved_bytes_per_token
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOKENS = 32
+
+
+def _configs():
+    from transformers import Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+    base = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "llama": (LlamaConfig(**base), "sdpa", ALL7),
+        "qwen2": (Qwen2Config(**base), "sdpa", ALL7),
+        "qwen3": (Qwen3Config(**base, head_dim=64), "sdpa", ALL7),
+        "phi3": (Phi3Config(**{**base, "num_key_value_heads": 4}), "sdpa", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+        "gemma2": (Gemma2Config(**base, head_dim=64), "eager", ALL7),
+    }
+
+
+MODES = {  # name: (LoRA kwargs or None for full fine-tuning, fp32 model without autocast)
+    "lora": (dict(r=8, lora_dropout=0.0), False),
+    "lora-fp32": (dict(r=8, lora_dropout=0.0), True),
+    "lora-dropout": (dict(r=8, lora_dropout=0.1), False),
+    "lora-qv": (dict(r=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]), False),
+    "full": (None, False),
+    "full-fp32": (None, True),
+}
+# Llama/Qwen blocks match to the byte but for RMSNorm's per-token rstd. Phi-3 on CPU: the kernel's
+# output layout makes o_proj's input a copy (on CUDA it is a view of what SDPA saved): a few % low.
+TOLERANCE = {"llama": 0.01, "qwen2": 0.01, "qwen3": 0.01, "phi3": 0.05, "gemma2": 0.02}
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["causal", "padded"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("family", list(TOLERANCE))
+def test_layer_model_matches_autograd(family, mode, mask):
+    config, attn, targets = _configs()[family]
+    config._attn_implementation = attn
+    lora, fp32 = MODES[mode]
+    if lora is not None:
+        lora = {"lora_alpha": 16, "target_modules": targets, **lora}
+        if family == "phi3" and mode == "lora-qv":
+            pytest.skip("Phi-3 has no separate q_proj/v_proj")
+    model = build(config, lora=lora, dtype=torch.float32 if fp32 else torch.bfloat16)
+    measured = saved_bytes_per_token(model, TOKENS, mask=mask, autocast=not fp32)
+    arch = Architecture.from_config(config.to_dict(), name=family, source="test")
+    setup = Setup(micro_batch=2 if mask else 1, seq_len=TOKENS, use_lora=lora is not None, lora_r=8,
+                  lora_targets=lora["target_modules"] if lora else "all-linear",
+                  lora_dropout=lora["lora_dropout"] if lora else 0.0, weight_bytes=4 if fp32 else 2,
+                  autocast=not fp32, attn=attn, dropout_mask_bytes=4)  # the CPU dropout keeps a float mask
+    estimated = layer_activation_bytes(arch, setup, TOKENS) + layer_constant_bytes(arch, setup) / TOKENS
+    assert estimated == pytest.approx(measured, rel=TOLERANCE[family])
+
+
+def test_llama_3b_lora_layer_is_46_8_hidden_per_token():
+    """The figure the docstring quotes, on the real Llama-3.2-3B layer shapes (2 layers, small vocabulary)."""
+    from transformers import LlamaConfig
+
+    arch = load_shipped("llama-3.2-3b")
+    setup = Setup(micro_batch=1, seq_len=128, lora_r=16, lora_targets=ALL7)
+    per_token = layer_activation_bytes(arch, setup)
+    # 46.67 x hidden: norms 8, LoRA input copies 12 + 16/3 (down), q/k/v/out 5.33, MLP 16; + lora_A outputs
+    # (7 x 2r bytes) and the log-sum-exp (4 x heads bytes).
+    assert per_token / arch.hidden_size == pytest.approx(140 / 3 + (7 * 32 + 4 * 24) / 3072, abs=1e-6)
+    config = LlamaConfig(vocab_size=512, hidden_size=3072, intermediate_size=8192, num_hidden_layers=2,
+                         num_attention_heads=24, num_key_value_heads=8)
+    config._attn_implementation = "sdpa"
+    model = build(config, lora=dict(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=ALL7), dtype=torch.bfloat16)
+    measured = saved_bytes_per_token(model, 128, mask=False, autocast=True)
+    assert per_token + layer_constant_bytes(arch, setup) / 128 == pytest.approx(measured, rel=0.002)
+
+
+@pytest.fixture(scope="module")
+def arch3b():
+    return load_shipped("llama-3.2-3b")
+
+
+def qlora_example(**changes):
+    base = dict(micro_batch=2, grad_accum=4, seq_len=2048, gradient_checkpointing=True, lora_r=16, lora_targets=ALL7,
+                quant="4bit", optim="adamw_8bit")
+    return Setup(**{**base, **changes})
+
+
+def test_estimate_structure(arch3b):
+    est = estimate_memory(arch3b, qlora_example())
+    assert set(est.parts) <= {"weights", "LoRA adapters", "gradients", "optimizer", "reference model", "activations",
+                              "logits/loss", "optimizer temporaries"}
+    assert sum(est.parts.values()) == pytest.approx(est.peak)
+    assert est.tokens == 4096 and est.row_len == 2048  # no data sample: every padded row assumed full length
+    assert est.trainable == 24_313_856  # the bench's trainable count for r16 on 7 modules
+    assert est.parts["LoRA adapters"] == est.trainable * 4
+    assert est.required == pytest.approx(hardware.required_bytes(est.peak))
+    assert est.details["weights"].startswith("NF4")
+    d = est.as_dict()
+    assert d["peak_gib"] == pytest.approx(est.peak / GIB, abs=1e-3) and d["tokens_per_micro_batch"] == 4096
+
+
+def test_levers_move_the_peak_the_right_way(arch3b):
+    def peak(**c):
+        return estimate_memory(arch3b, qlora_example(**c)).peak
+
+    base = peak()
+    assert peak(gradient_checkpointing=False) > base
+    assert peak(quant="none") > base  # bf16 weights
+    assert peak(micro_batch=4) > base and peak(micro_batch=1) < base
+    assert peak(seq_len=1024) < base
+    assert peak(liger=True) < base  # no full-vocabulary logits
+    assert peak(optim="adamw_torch") > base
+    # full fine-tuning adds bf16 gradients (2 B) and 8-bit AdamW states (2 B) for every parameter
+    assert peak(use_lora=False, quant="none") - peak(quant="none") > 3.9 * arch3b.total_params
+
+
+def test_nf4_weights_and_kbit_upcast(arch3b):
+    linear = arch3b.num_layers * arch3b.linear_params_per_layer
+    ours = estimate_memory(arch3b, qlora_example()).parts["weights"]
+    trl = estimate_memory(arch3b, qlora_example(impl="trl")).parts["weights"]
+    embed = arch3b.embedding_params
+    assert trl == pytest.approx(linear * (0.5 + 1 / 64 + 4 / 64 / 256) + (embed + arch3b.total_params - linear - embed) * 2)
+    assert ours - trl == pytest.approx((arch3b.total_params - linear) * 2)  # fp32 instead of bf16
+    no_dq = estimate_memory(arch3b, qlora_example(double_quant=False)).parts["weights"]
+    assert no_dq > ours
+
+
+def test_full_logits_are_counted_for_our_sft_and_not_for_trl(arch3b):
+    ours = estimate_memory(arch3b, qlora_example())
+    assert ours.phase.startswith("backward (the loss")
+    assert ours.parts["logits/loss"] >= 12 * 4096 * arch3b.vocab_size
+    trl = estimate_memory(arch3b, qlora_example(impl="trl"))
+    assert "logits/loss" not in trl.parts and trl.off_peak["logits/loss"] < 0.3 * GIB
+    assert any("use_liger_kernel" in n for n in ours.notes)
+
+
+def test_padded_peak_follows_the_data_sample(arch3b):
+    profile = TokenProfile(rows=1000, lengths=[100] * 990 + [900] * 10, source="test")
+    est = estimate_memory(arch3b, qlora_example(), profile, rows_seen=1000)
+    assert est.row_len == 900 and est.tokens == 1800
+    short = estimate_memory(arch3b, qlora_example(), profile, rows_seen=10)
+    assert short.row_len == 100  # ten rows drawn: the median longest is an ordinary row
+    packed = estimate_memory(arch3b, qlora_example(packing=True), profile)
+    assert packed.tokens == 4096
+
+
+def test_dpo_doubles_rows_and_full_finetuning_copies_the_reference(arch3b):
+    sft = estimate_memory(arch3b, qlora_example(quant="none", seq_len=1024, impl="trl"))
+    dpo = estimate_memory(arch3b, qlora_example(quant="none", seq_len=1024, impl="trl", kind="dpo"))
+    assert dpo.tokens == 2 * sft.tokens
+    full = estimate_memory(arch3b, Setup(kind="dpo", micro_batch=1, seq_len=512, use_lora=False,
+                                         reference="frozen_copy", gradient_checkpointing=True))
+    assert full.parts["reference model"] == pytest.approx(full.parts["weights"])
+
+
+def test_gemma_eager_attention_grows_with_the_square_of_length():
+    gemma = load_shipped("gemma-2-2b")
+    s = Setup(micro_batch=1, seq_len=1024, attn="eager", lora_targets="all-linear")
+    short, long = layer_activation_bytes(gemma, s, 1024), layer_activation_bytes(gemma, s, 2048)
+    assert long - short == pytest.approx(gemma.num_heads * 1024 * (4 + 2 + 2))
+
+
+def test_suggestions_fit_a_smaller_gpu(arch3b):
+    setup = qlora_example(quant="none", micro_batch=2, optim="adamw_torch")
+    t4 = hardware.gpu("t4-16gb")
+    peak = estimate_memory(arch3b, setup).peak
+    assert not hardware.fits(peak, t4)
+    found = suggestions(arch3b, setup, t4)
+    texts = [t for t, _, _ in found]
+    assert any("QLoRA" in t for t in texts) and any("max_seq_length" in t for t in texts)
+    assert any("use_liger_kernel" in t for t in texts) and any("per_device_train_batch_size: 1" in t for t in texts)
+    assert any(ok for _, _, ok in found)
+    assert all(p < peak for _, p, _ in found)
+
+
+def test_qlora_without_checkpointing_is_not_suggested_when_it_costs_more(arch3b):
+    """lmpipeline's kbit path keeps the residual stream in fp32 (prepare_model_for_kbit_training), so at
+    a large batch without checkpointing QLoRA needs more memory than bf16 LoRA: never offer it then."""
+    setup = qlora_example(quant="none", gradient_checkpointing=False, micro_batch=8)
+    assert estimate_memory(arch3b, replace(setup, quant="4bit")).peak > estimate_memory(arch3b, setup).peak
+    texts = [t for t, _, _ in suggestions(arch3b, setup, hardware.gpu("t4-16gb"))]
+    assert texts and not any(t.startswith("use_4bit") for t in texts)
+
+
+def test_hardware_table_and_headroom():
+    assert hardware.gpu("H100").name == "h100-80gb" and hardware.gpu("4090").name == "rtx-4090-24gb"
+    with pytest.raises(ValueError, match="known:"):
+        hardware.gpu("tpu-v5")
+    for peak in (1 * GIB, 10 * GIB, 60 * GIB):
+        assert hardware.required_bytes(hardware.max_peak_for(hardware.required_bytes(peak))) == pytest.approx(
+            hardware.required_bytes(peak))
+    assert hardware.smallest_fitting(5 * GIB).name == "t4-16gb"
+    assert hardware.smallest_fitting(30 * GIB).name == "a100-40gb"
+    assert hardware.smallest_fitting(500 * GIB) is None
+    mems = [g.memory_gib for g in hardware.GPUS]
+    assert mems == sorted(mems)
+
+
+def test_time_from_flops(arch3b):
+    h100 = hardware.gpu("h100-80gb")
+    lora = estimate_time(arch3b, Setup(micro_batch=2, seq_len=2048, packing=True), h100)
+    assert lora.flops_per_token == pytest.approx(4 * 3.2126e9, rel=1e-3)  # GUIDE: 4 x 3.21 GFLOP per token
+    gc = estimate_time(arch3b, Setup(micro_batch=2, seq_len=2048, packing=True, gradient_checkpointing=True), h100)
+    assert gc.flops_per_token == pytest.approx(6 / 4 * lora.flops_per_token)
+    full = estimate_time(arch3b, Setup(micro_batch=2, seq_len=2048, packing=True, use_lora=False), h100)
+    assert full.flops_per_token == pytest.approx(6 / 4 * lora.flops_per_token)
+    # At 100% of 790 TFLOP/s the LoRA ceiling is the GUIDE's ~61,000 tokens/s.
+    assert lora.tokens_per_second / lora.mfu == pytest.approx(61_000, rel=0.02)
+    profile = TokenProfile(rows=10_000, lengths=[250] * 100, source="test")
+    t = estimate_time(arch3b, Setup(micro_batch=2, grad_accum=4, seq_len=2048), h100, profile, epochs=3)
+    assert t.tokens_per_epoch == 10_000 * 250 and t.steps_per_epoch == 1250 and t.total_steps == 3750
+    assert t.seconds_total == pytest.approx(3 * t.seconds_per_epoch)
+    steps = estimate_time(arch3b, Setup(micro_batch=2, grad_accum=4, seq_len=2048), h100, max_steps=20)
+    assert steps.total_tokens == 20 * 8 * 2048 and "upper bound" in steps.basis
