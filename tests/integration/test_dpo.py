@@ -210,9 +210,9 @@ def test_quickstart_dpo_on_tiny_chat_improves_heldout_rewards(tiny_model, quicks
     out = tmp_path / "qs"
     cfg = DPOConfig(stage_name="dpo", output_dir=str(out),
                     dataset_name_or_path=str(quickstart_data / "dpo_train.jsonl"),
-                    eval_dataset_name_or_path=str(quickstart_data / "dpo_eval.jsonl"), max_samples=400,
-                    max_seq_length=128, max_steps=40, per_device_train_batch_size=8, per_device_eval_batch_size=50,
-                    learning_rate=1e-3, save_strategy="no", logging_steps=20)
+                    eval_dataset_name_or_path=str(quickstart_data / "dpo_eval.jsonl"), max_samples=1500,
+                    max_seq_length=128, max_steps=100, per_device_train_batch_size=16, per_device_eval_batch_size=50,
+                    learning_rate=2e-3, beta=0.5, save_strategy="no", logging_steps=20)
     result = DPOStage(cfg).execute(model_name_or_path=str(tiny_model))
     assert metrics_lines(out)[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert result.metrics["eval_rewards/accuracies"] > 0.6 and result.metrics["eval_loss"] < math.log(2)
