@@ -36,7 +36,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMPIPELINE_CACHE_DIR") or Path.home() / ".cache" / "lmpipeline" / "tokenized")
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -48,12 +48,12 @@ def source_fingerprint(spec: str) -> str:
     """Content hash of a local file or folder; for a Hub name, the name itself (with its split)."""
     p = Path(os.path.expanduser(spec))
     if p.is_file():
-        return _file_digest(p)
+        return file_sha256(p)
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(str(f.relative_to(p)).encode())
-            h.update(_file_digest(f).encode())
+            h.update(file_sha256(f).encode())
         return h.hexdigest()
     return f"hub:{spec}"
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmpipeline.data.cache import file_sha256
+
 log = logging.getLogger(__name__)
 
 REF_CACHE_VERSION = 1
@@ -45,14 +47,6 @@ _CONFIG_FILES = ("config.json", "adapter_config.json", "generation_config.json")
 def ref_cache_dir() -> Path:
     root = os.environ.get("LMPIPELINE_CACHE_DIR")
     return Path(root) / "ref_logps" if root else Path.home() / ".cache" / "lmpipeline" / "ref_logps"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_fingerprint(name_or_path: str) -> dict:
