@@ -165,7 +165,9 @@ class TrainStageConfig(_Strict):
     )
     use_liger_kernel: bool = Field(False, description="Liger Triton kernels (GPU).")
     attn_implementation: Optional[str] = Field(
-        None, description="Attention backend: sdpa, eager, flex_attention, flash_attention_2."
+        None, description="Attention backend: sdpa, eager, flex_attention, flash_attention_2, or varlen "
+        "(packed rows through PyTorch's variable-length flash kernel). Unset or auto: varlen when packing on a "
+        "GPU and the model allows it, else the model's default."
     )
     packing: bool = Field(False, description="Pack examples padding-free into max_seq_length rows.")
     packing_strategy: Literal["bfd", "ffd", "wrapped"] = Field(

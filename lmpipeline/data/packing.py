@@ -28,8 +28,8 @@ position_ids, pass NO attention_mask, and call the model with use_cache=False: L
 DynamicCache when use_cache is on (the config default, in train mode too), a cache disables the
 packed-sequence detection, and the row then silently attends across examples.
 tests/unit/data/test_packing.py shows both: packed loss == padded loss, and != with the cache on.
-On SDPA that mask is dense [T, T] (slow on long rows, GUIDE section 5); cu_seq_lens and max_length
-are there for varlen/flex kernels.
+On SDPA that mask is dense [T, T] (slow on long rows, GUIDE section 5); with cu_seq_lens and
+max_length (`flash_attn_kwargs`) models/attention.py's varlen kernel needs no mask at all.
 
 Batching
     `TokenBudgetBatchSampler`: micro-batches whose padded size (longest x count) stays within a
@@ -173,10 +173,13 @@ def collate_packed(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tens
 
 
 def flash_attn_kwargs(batch: dict) -> dict:
-    """The names transformers' flash-attention paths read (FlashAttentionKwargs) for a packed batch."""
-    cu = batch["cu_seq_lens"]
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch["max_length"],
-            "max_length_k": batch["max_length"]}
+    """The keyword arguments a packed batch hands the model so attention sees example boundaries
+    (transformers' FlashAttentionKwargs names: models/attention.py's varlen and flash_attention_2 read
+    them, SDPA ignores them). {} for a batch that is not packed."""
+    if "cu_seq_lens" not in batch:
+        return {}
+    cu, longest = batch["cu_seq_lens"], batch["max_length"]
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 class TokenBudgetBatchSampler:

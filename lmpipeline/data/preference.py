@@ -21,6 +21,11 @@ Batches (`make_pair_plans`): a micro-batch is per_device_train_batch_size PAIRS.
     attention_mask   [2B, T]   1 on real tokens
     completion_mask  [2B, T]   1 on completion tokens only (the prompt never counts)
     ref_chosen_logps, ref_rejected_logps [B]   only when reference log-probs were precomputed
+With `packed=True` (the DPO stage's choice where varlen attention runs, models/attention.py) the same
+2 x pairs sequences sit end to end in one row with no padding (`collate_pairs_packed`):
+    input_ids, completion_mask, position_ids (restarting per sequence), sequence_index [1, T]
+    cu_seq_lens [2B + 1], max_length, pairs
+Each sequence attends only to itself, so log-probs are those of the padded layout.
 The order is a deterministic shuffle of pairs per epoch (seed + epoch), as for SFT.
 
 Raised: UserError (with the config key) for non-preference data, no usable pairs, an over-long pair
@@ -298,7 +303,45 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, ref: np.ndarray
         input_ids[r, :m] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
         attention_mask[r, :m] = 1
         completion_mask[r, n:m] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+             "pairs": len(pairs)}
+    return _with_reference(batch, ref)
+
+
+def collate_pairs_packed(pairs: list[TokenizedPair], ref: np.ndarray | None = None) -> dict:
+    """The packed layout of the module docstring: chosen sequences, then rejected, in one row."""
+    if not pairs:
+        raise ValueError("cannot collate an empty batch")
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    ids: list[int] = []
+    completion: list[int] = []
+    positions: list[int] = []
+    index: list[int] = []
+    cu = [0]
+    for r, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        ids.extend(prompt)
+        ids.extend(answer)
+        # The first token of a sequence is never a target: position t predicts t+1, and t would be the
+        # last token of the previous sequence.
+        completion.extend([0] * len(prompt) + [1] * len(answer))
+        completion[cu[-1]] = 0
+        positions.extend(range(n))
+        index.extend([r] * n)
+        cu.append(cu[-1] + n)
+    batch = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "completion_mask": torch.tensor([completion], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "sequence_index": torch.tensor([index], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+        "max_length": max(b - a for a, b in zip(cu[:-1], cu[1:])),
+        "pairs": len(pairs),
+    }
+    return _with_reference(batch, ref)
+
+
+def _with_reference(batch: dict, ref: np.ndarray | None) -> dict:
     if ref is not None:
         batch["ref_chosen_logps"] = torch.as_tensor(ref[:, 0], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.as_tensor(ref[:, 1], dtype=torch.float32)
@@ -312,10 +355,15 @@ def _shuffled(n: int, seed: int) -> list[int]:
 
 
 def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int = 0, world: int = 1, *,
-                    ref_train: np.ndarray | None = None, ref_eval: np.ndarray | None = None):
+                    ref_train: np.ndarray | None = None, ref_eval: np.ndarray | None = None, packed: bool = False):
     """(train_plan, eval_plan): deterministic micro-batches of pairs; eval batches split by rank.
-    `ref_train` / `ref_eval` ([pairs, 2] arrays, pair order) add precomputed reference log-probs."""
+    `ref_train` / `ref_eval` ([pairs, 2] arrays, pair order) add precomputed reference log-probs;
+    `packed` gives the padding-free layout."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def layout(pairs, ref):  # the micro-batch layout chosen for this run
+        return collate_pairs_packed(pairs, ref) if packed else collate_pairs(pairs, pad_id, ref)
+
     train, bsz = data.train, cfg.per_device_train_batch_size
 
     def epoch_batches(epoch: int) -> list[list[int]]:
@@ -323,7 +371,7 @@ def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int =
         return [order[s:s + bsz] for s in range(0, len(order), bsz)]
 
     def collate(idx: list[int]) -> dict:
-        return collate_pairs([train[i] for i in idx], pad_id, None if ref_train is None else ref_train[idx])
+        return layout([train[i] for i in idx], None if ref_train is None else ref_train[idx])
 
     def describe(idx: list[int]) -> list[str]:
         return [str(train[i].source) if train[i].source else f"pair {i}" for i in idx]
@@ -335,11 +383,12 @@ def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int =
         eval_batches = [list(range(s, min(s + ebsz, len(ev)))) for s in range(0, len(ev), ebsz)][rank::world]
         eval_plan = BatchPlan(
             lambda epoch: eval_batches,
-            lambda idx: collate_pairs([ev[i] for i in idx], pad_id, None if ref_eval is None else ref_eval[idx]),
+            lambda idx: layout([ev[i] for i in idx], None if ref_eval is None else ref_eval[idx]),
             lambda idx: [str(ev[i].source) if ev[i].source else f"eval pair {i}" for i in idx],
         )
     return train_plan, eval_plan
 
 
-__all__ = ["PreferenceData", "build_preference_data", "make_pair_plans", "collate_pairs", "pair_as_example",
+__all__ = ["PreferenceData", "build_preference_data", "make_pair_plans", "collate_pairs", "collate_pairs_packed",
+           "pair_as_example",
            "fit_pair", "tokenize_pairs", "pairs_digest", "pair_tokens"]

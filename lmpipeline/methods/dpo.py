@@ -79,6 +79,7 @@ from lmpipeline.data.preference import (
     PreferenceData,
     build_preference_data,
     collate_pairs,
+    collate_pairs_packed,
     make_pair_plans,
     pairs_digest,
 )
@@ -92,7 +93,8 @@ from lmpipeline.methods.logprobs import (
     unwrap,
 )
 from lmpipeline.methods.sft import _log_trainable, save_final
-from lmpipeline.models import loading
+from lmpipeline.data.packing import flash_attn_kwargs
+from lmpipeline.models import attention, loading
 from lmpipeline.train.loop import autocast_for, train
 from lmpipeline.train.runtime import make_accelerator, seed_everything
 
@@ -140,12 +142,43 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused
     return -nll.sum(dim=-1), mask.sum(dim=-1)
 
 
+def packed_completion_logps(model, batch: dict, *, fused: bool = False):
+    """completion_logps for the packed layout (preference.collate_pairs_packed): one row, sequences
+    kept apart by cu_seq_lens (varlen attention); per-token log-probs summed per sequence_index."""
+    input_ids = batch["input_ids"]
+    mask = batch["completion_mask"][:, 1:].bool()
+    rows = batch["sequence_index"][:, 1:][mask]
+    inputs = {"input_ids": input_ids, "position_ids": batch["position_ids"], "use_cache": False,
+              **flash_attn_kwargs(batch)}
+    targets = input_ids[:, 1:][mask]
+    if fused:
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, :-1][mask]
+        head = unwrap(model).get_output_embeddings()
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+        token = TokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)
+    else:
+        logits = model(**inputs).logits[:, :-1][mask]
+        token = -F.cross_entropy(logits.float(), targets, reduction="none")
+    n = len(batch["cu_seq_lens"]) - 1
+    logps = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, rows, token)
+    return logps, torch.bincount(rows, minlength=n)
+
+
+def _first_sequence(batch: dict) -> dict:
+    """Model inputs for the batch's first sequence alone (padded or packed layout)."""
+    if "cu_seq_lens" in batch:
+        end = int(batch["cu_seq_lens"][1])
+        return {"input_ids": batch["input_ids"][:, :end], "position_ids": batch["position_ids"][:, :end]}
+    return {k: batch[k][:1] for k in ("input_ids", "attention_mask")}
+
+
 def choose_logps_path(model, batch: dict) -> str:
     """"fused" when the model's own logits for a position equal lm_head(last hidden state) (checked on
     one row), else "logits" (with logits_to_keep) or "logits_full"."""
     keep = accepts_logits_to_keep(model)
     if fused_head_usable(model):
-        row = {k: batch[k][:1] for k in ("input_ids", "attention_mask")}
+        row = _first_sequence(batch)
         with torch.no_grad():
             out = model(**row, use_cache=False, output_hidden_states=True, logits_to_keep=1)
             head = unwrap(model).get_output_embeddings()
@@ -208,13 +241,15 @@ class DPOObjective:
         return cls(cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, **kwargs)
 
     def count(self, batch: dict) -> int:
-        return int(batch["input_ids"].shape[0]) // 2
+        return int(batch["pairs"])
 
     def sequence_logps(self, model, batch: dict):
         """(summed completion log-probs, completion lengths) of every row of the batch."""
         path = self._paths.get(id(model))
         if path is None:
             path = self._paths[id(model)] = choose_logps_path(model, batch)
+        if "cu_seq_lens" in batch:
+            return packed_completion_logps(model, batch, fused=path == "fused")
         return completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                 fused=path == "fused", logits_to_keep=path != "logits_full")
 
@@ -393,8 +428,9 @@ def _gather_ordered(part: dict[int, tuple[float, float]], accelerator) -> dict[i
 
 
 def compute_reference_logps(objective: DPOObjective, model, pairs, cfg: DPOConfig, tokenizer,
-                            accelerator) -> np.ndarray:
-    """Reference log-probs [pairs, 2] in pair order; each process computes its share of batches."""
+                            accelerator, *, packed: bool = False) -> np.ndarray:
+    """Reference log-probs [pairs, 2] in pair order; each process computes its share of batches.
+    `packed`: the padding-free layout (as in training when varlen attention runs)."""
     device = accelerator.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bsz = cfg.per_device_eval_batch_size
@@ -404,7 +440,9 @@ def compute_reference_logps(objective: DPOObjective, model, pairs, cfg: DPOConfi
     was_training = model.training
     model.eval()
     for idx in mine:
-        batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()}
+        chosen = [pairs[i] for i in idx]
+        batch = collate_pairs_packed(chosen) if packed else collate_pairs(chosen, pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         # The loop's own precision context, so precomputed values equal on-the-fly ones.
         with autocast_for(cfg, device):
             ref = objective.reference_logps(model, batch).double().cpu().numpy()
@@ -439,6 +477,7 @@ class DPOStage:
         if not config.output_dir:
             raise UserError("no output_dir given", key="output_dir")
         self.config = config
+        self.packed = False  # set by execute: sequences end to end under varlen attention
 
     def _key(self, name: str) -> str:
         return f"stage_configs.{self.config.stage_name or 'dpo'}.{name}"
@@ -526,6 +565,14 @@ class DPOStage:
         if cfg.gradient_checkpointing:
             loading.enable_gradient_checkpointing(model)
         _log_trainable(model)
+        # Varlen attention (GPU, or asked for) puts each micro-batch's sequences end to end in one row:
+        # no padding, same log-probs. Switched back after training (generation pads on the left).
+        attn = attention.attention_for(model, requested=cfg.attn_implementation, packed=True,
+                                       max_seq_length=cfg.max_seq_length)
+        self.packed = attn is not None
+        switched = [(m, attention.switch(m, attn)) for m in (model, ref_model) if attn and m is not None]
+        if attn:
+            log.info("[%s] attention: %s, chosen and rejected sequences packed without padding", cfg.stage_name, attn)
 
         accelerator = make_accelerator(cfg, out)
         if ref_model is not None:
@@ -554,11 +601,14 @@ class DPOStage:
             ref_model = None  # the frozen copy is no longer needed during training
 
         train_plan, eval_plan = make_pair_plans(cfg, data, tokenizer, rank=accelerator.process_index,
-                                                world=accelerator.num_processes, ref_train=ref_train, ref_eval=ref_eval)
+                                                world=accelerator.num_processes, ref_train=ref_train, ref_eval=ref_eval,
+                                                packed=self.packed)
         try:
             result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
                            output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
         finally:
+            for m, before in switched:
+                attention.switch(m, before)
             accelerator.end_training()
 
         final_dir = out / "final"
@@ -583,7 +633,8 @@ class DPOStage:
             model.to(accelerator.device)
         settings = {"mode": mode, "torch_dtype": torch_dtype, "use_4bit": cfg.use_4bit, "use_8bit": cfg.use_8bit,
                     "bnb": [cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype],
-                    "attn_implementation": cfg.attn_implementation, "bf16": cfg.bf16, "fp16": cfg.fp16}
+                    "attn_implementation": cfg.attn_implementation, "packed": self.packed, "bf16": cfg.bf16,
+                    "fp16": cfg.fp16}
         if in_memory:  # no files name the weights: hash the reference's state_dict (LoRA weights left out)
             inner = objective.ref_model if mode == "frozen_copy" else unwrap(model)
             reference = ref_cache.reference_fingerprint(model=inner, settings=settings, skip="lora_")
@@ -601,8 +652,10 @@ class DPOStage:
             return ref, True, key
         log.info("computing reference log-probs for %d train and %d eval pairs (cache miss, key %s)",
                  len(data.train), len(data.eval or []), key)
-        ref = ref_cache.RefLogps(compute_reference_logps(objective, model, data.train, cfg, tokenizer, accelerator),
-                                 compute_reference_logps(objective, model, data.eval, cfg, tokenizer, accelerator)
+        ref = ref_cache.RefLogps(compute_reference_logps(objective, model, data.train, cfg, tokenizer, accelerator,
+                                                         packed=self.packed),
+                                 compute_reference_logps(objective, model, data.eval, cfg, tokenizer, accelerator,
+                                                         packed=self.packed)
                                  if data.eval else None)
         if accelerator.is_main_process:
             path = ref_cache.save(key, ref, {"reference": reference, "data": data_fp})

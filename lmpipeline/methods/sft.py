@@ -26,9 +26,10 @@ import torch
 from lmpipeline.config.schema import SFTConfig
 from lmpipeline.context import StageResult
 from lmpipeline.data.build import SFTData, build_sft_data, make_batch_plans
+from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.errors import UserError
 from lmpipeline.methods.logprobs import fused_head_usable, hidden_token_logps
-from lmpipeline.models import loading
+from lmpipeline.models import attention, loading
 from lmpipeline.plan import autofit
 from lmpipeline.train.loop import train
 from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
@@ -58,6 +59,7 @@ class SFTObjective:
 
     def loss(self, model, batch: dict, total_units: float):
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        inputs.update(flash_attn_kwargs(batch))
         labels = batch["labels"]
         n = self.count(batch)
         if self.fused:
@@ -127,6 +129,13 @@ class SFTStage:
         if cfg.gradient_checkpointing:
             loading.enable_gradient_checkpointing(model)
         _log_trainable(model)
+        packed = cfg.packing and cfg.packing_strategy in ("bfd", "ffd")
+        attn = attention.attention_for(model, requested=cfg.attn_implementation, packed=packed,
+                                       max_seq_length=cfg.max_seq_length)
+        # Switched back after training: varlen is for packed training rows, not for generation.
+        attn_before = attention.switch(model, attn) if attn else None
+        if attn:
+            log.info("[%s] attention: %s over packed rows (was %s)", cfg.stage_name, attn, attn_before)
         # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.
         objective = SFTObjective(fused=cfg.chunked_loss and not cfg.use_liger_kernel and fused_head_usable(model))
         log.info("[%s] loss: %s", cfg.stage_name, "trained positions only, LM head in chunks" if objective.fused
@@ -149,6 +158,8 @@ class SFTStage:
         finally:
             if neftune is not None:
                 neftune.remove()
+            if attn_before:
+                attention.switch(model, attn_before)
             accelerator.end_training()
 
         final_dir = out / "final"

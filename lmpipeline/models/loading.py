@@ -17,6 +17,7 @@ import torch
 
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.errors import UserError
+from lmpipeline.models import attention
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto")
         # True: transformers refuses pickle files; None: safetensors first, pickle if that is all there is.
         use_safetensors=None if stage.allow_pickle_weights else True,
     )
-    if stage.attn_implementation:
+    if stage.attn_implementation and stage.attn_implementation not in ("auto", *attention.VARLEN_NAMES):
+        # auto/varlen are chosen after loading (models/attention.py): the model loads with its default.
         kwargs["attn_implementation"] = stage.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -565,3 +565,48 @@ def test_config_errors_are_for_people(world, tmp_path):
     with pytest.raises(UserError, match="no meaning"):
         DPOStage(make_cfg(world, tmp_path / "c", loss_type="hinge", label_smoothing=0.1)).execute(
             model_name_or_path=str(world["model_dir"]))
+
+
+# ------------------------------------------------------------------------------ packed (varlen)
+
+
+def test_packed_layout_gives_the_padded_logps_and_gradients(world, tmp_path):
+    """The packed layout (preference.collate_pairs_packed, varlen attention) scores every sequence as
+    the padded layout does: same summed log-probs, lengths and gradients, on both log-prob paths."""
+    from transformers import AutoModelForCausalLM
+
+    from lmpipeline.data.preference import collate_pairs_packed
+    from lmpipeline.models import attention
+
+    cfg = make_cfg(world, tmp_path / "o")
+    padded, data, _ = batch_of(world, cfg)
+    packed = collate_pairs_packed(data.train[:6])
+    assert packed["pairs"] == padded["pairs"] == 6 and packed["input_ids"].shape[0] == 1
+    assert int(packed["completion_mask"].sum()) == int(padded["completion_mask"][:, 1:].sum())
+    model = AutoModelForCausalLM.from_pretrained(world["model_dir"])
+    weights = torch.linspace(-1, 1, 12)
+
+    def run(fn, batch, **kw):
+        model.zero_grad()
+        logps, tokens = fn(model, batch, **kw)
+        (logps * weights).sum().backward()
+        return logps.detach(), tokens, [p.grad.clone() for p in model.parameters()]
+
+    ref = run(lambda m, b, **kw: dpo_mod.completion_logps(m, b["input_ids"], b["attention_mask"], b["completion_mask"],
+                                                          **kw), padded, fused=True)
+    attention.switch(model, attention.VARLEN)
+    for fused in (True, False):
+        got = run(dpo_mod.packed_completion_logps, packed, fused=fused)
+        assert torch.allclose(got[0], ref[0], atol=1e-4) and torch.equal(got[1], ref[1])
+        for a, b in zip(got[2], ref[2]):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_stage_with_varlen_matches_sdpa(world, tmp_path):
+    losses = {}
+    for attn in ("varlen", "sdpa"):
+        stage = DPOStage(make_cfg(world, tmp_path / attn, attn_implementation=attn))
+        stage.execute(model_name_or_path=str(world["model_dir"]))
+        assert stage.packed == (attn == "varlen")
+        losses[attn] = [r["loss"] for r in metrics_lines(tmp_path / attn) if "loss" in r]
+    assert len(losses["varlen"]) == 4 and losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-4)

@@ -1,0 +1,135 @@
+"""models/attention.py: varlen attention over packed rows gives the padded model's loss and
+gradients; the choice of implementation; switching back after training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmpipeline.data.packing import collate_packed, collate_padded, flash_attn_kwargs
+from lmpipeline.data.types import IGNORE_INDEX, TokenizedExample
+from lmpipeline.models import attention
+
+
+def _tiny_llama(**extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, **extra)
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def _examples():
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for n in (5, 17, 9, 2, 30, 12, 1):
+        ids = torch.randint(0, 300, (n,), generator=g).tolist()
+        out.append(TokenizedExample(ids, [t if k >= n // 3 else IGNORE_INDEX for k, t in enumerate(ids)]))
+    return out
+
+
+def _mean_ce(logits, labels):
+    logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    total = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum()
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_attention_function_matches_sdpa_per_example_with_gqa():
+    torch.manual_seed(0)
+    lengths = [3, 7, 1, 5]
+    total, hq, hkv, d = sum(lengths), 4, 2, 8
+    q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hkv, total, d), torch.randn(1, hkv, total, d)
+    cu = torch.tensor([0, 3, 10, 11, 16], dtype=torch.int32)
+    module = torch.nn.Module().eval()
+    out, weights = attention.varlen_attention_forward(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu,
+                                                      max_length_q=7)
+    assert weights is None and out.shape == (1, total, hq, d)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e].repeat_interleave(2, 1), v[:, :, s:e].repeat_interleave(2, 1),
+            is_causal=True, scale=0.3)
+        assert torch.allclose(out[0, s:e], ref[0].transpose(0, 1), atol=1e-6)
+
+
+def test_packed_varlen_model_equals_padded_sdpa_loss_and_gradients():
+    exs = _examples()
+    padded, packed = collate_padded(exs, pad_token_id=0), collate_packed(exs)
+    model = _tiny_llama().train()
+    ref_loss = _mean_ce(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
+                        padded["labels"])
+    ref = _grads(model, ref_loss)
+    assert attention.switch(model, attention.VARLEN) == "sdpa"
+    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+                **flash_attn_kwargs(packed))
+    loss = _mean_ce(out.logits, packed["labels"])
+    assert torch.allclose(loss, ref_loss, atol=1e-5), (loss.item(), ref_loss.item())
+    for a, b in zip(_grads(model, loss), ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    # Control: without the boundaries the varlen implementation runs one causal sequence, examples see
+    # each other, and the loss differs — the boundaries are what the equality above rests on.
+    leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    assert not torch.allclose(_mean_ce(leaky, packed["labels"]), ref_loss, atol=1e-4)
+    assert attention.switch(model, "sdpa") == attention.VARLEN
+
+
+def test_right_padded_batch_without_boundaries_is_exact():
+    """Eval batches are right-padded and carry no cu_seq_lens: causal SDPA without a mask is exact
+    at every real position."""
+    exs = _examples()
+    padded = collate_padded(exs, pad_token_id=0)
+    model = _tiny_llama().eval()
+    with torch.no_grad():
+        ref = _mean_ce(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
+                       padded["labels"])
+        attention.switch(model, attention.VARLEN)
+        got = _mean_ce(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
+                       padded["labels"])
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_choice_of_implementation(monkeypatch):
+    model = _tiny_llama()
+    kw = dict(packed=True, max_seq_length=2048)
+    # explicit choices are kept; unpacked batches never switch
+    assert attention.attention_for(model, requested="eager", **kw) is None
+    assert attention.attention_for(model, requested="varlen", packed=False, max_seq_length=2048) is None
+    assert attention.attention_for(model, requested="varlen", **kw) == attention.VARLEN
+    # auto needs the CUDA kernel
+    monkeypatch.setattr(attention, "kernel_available", lambda device=None: False)
+    assert attention.attention_for(model, requested=None, **kw) is None
+    monkeypatch.setattr(attention, "kernel_available", lambda device=None: True)
+    assert attention.attention_for(model, requested="auto", **kw) == attention.VARLEN
+    # architectures the kernel does not compute exactly keep their attention
+    windowed = _tiny_llama()
+    windowed.config.sliding_window = 512
+    assert attention.unsupported_reason(windowed, 2048) == "a sliding window of 512 tokens"
+    assert attention.attention_for(windowed, requested="varlen", **kw) is None
+    assert attention.unsupported_reason(windowed, 256) is None  # rows shorter than the window
+
+
+@pytest.mark.integration
+def test_sft_stage_trains_packed_with_varlen_and_switches_back(tmp_path, tiny_model, quickstart_data):
+    from lmpipeline.config.schema import SFTConfig
+    from lmpipeline.methods.sft import SFTStage
+
+    def run(attn, out):
+        cfg = SFTConfig(stage_name="sft", output_dir=str(out), dataset_name_or_path=str(quickstart_data / "sft_train.jsonl"),
+                        max_steps=4, per_device_train_batch_size=2, max_seq_length=256, packing=True,
+                        learning_rate=1e-3, logging_steps=1, save_strategy="no", seed=1, attn_implementation=attn,
+                        use_lora=True, lora_r=4, lora_alpha=8)
+        stage = SFTStage(cfg)
+        result = stage.execute(model_name_or_path=str(tiny_model))
+        return stage, [r["loss"] for r in map(__import__("json").loads, open(out / "metrics.jsonl")) if "loss" in r]
+
+    stage, varlen_losses = run("varlen", tmp_path / "varlen")
+    assert stage.model.get_base_model().config._attn_implementation == "sdpa"  # switched back
+    _, sdpa_losses = run("sdpa", tmp_path / "sdpa")
+    assert len(varlen_losses) == 4
+    assert varlen_losses == pytest.approx(sdpa_losses, rel=1e-4)
