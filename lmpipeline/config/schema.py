@@ -170,6 +170,10 @@ class TrainStageConfig(_Strict):
         "GPU and the model allows it, else the model's default."
     )
     packing: bool = Field(False, description="Pack examples padding-free into max_seq_length rows.")
+    padding_free: bool = Field(
+        False, description="SFT without packing: the examples of a micro-batch sit end to end in one row "
+        "instead of being padded to the longest (same batches, no padding; varlen attention on a GPU)."
+    )
     packing_strategy: Literal["bfd", "ffd", "wrapped"] = Field(
         "bfd", description="bfd/ffd: whole examples, best fit; wrapped: concatenate and cut (text)."
     )

@@ -277,7 +277,7 @@ def _shuffled(n: int, seed: int) -> list[int]:
 
 
 def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: int = 0, world: int = 1):
-    """Deterministic micro-batch orders: padded batches, or padding-free packed rows."""
+    """Deterministic micro-batch orders: padded batches, padding-free rows (padding_free), or packed bins."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bsz = cfg.per_device_train_batch_size
     train = data.train
@@ -300,7 +300,8 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
             return [order[s:s + bsz] for s in range(0, len(order), bsz)]
 
         def collate(idx: list[int]) -> dict:
-            return packing.collate_padded([train[i] for i in idx], pad_id)
+            examples = [train[i] for i in idx]
+            return packing.collate_packed(examples) if cfg.padding_free else packing.collate_padded(examples, pad_id)
 
     def describe(idx: list[int]) -> list[str]:
         return [str(train[i].source) if train[i].source else f"example {i}" for i in idx]

@@ -129,7 +129,7 @@ class SFTStage:
         if cfg.gradient_checkpointing:
             loading.enable_gradient_checkpointing(model)
         _log_trainable(model)
-        packed = cfg.packing and cfg.packing_strategy in ("bfd", "ffd")
+        packed = cfg.padding_free or (cfg.packing and cfg.packing_strategy in ("bfd", "ffd"))
         attn = attention.attention_for(model, requested=cfg.attn_implementation, packed=packed,
                                        max_seq_length=cfg.max_seq_length)
         # Switched back after training: varlen is for packed training rows, not for generation.

@@ -397,6 +397,7 @@ def train(
                 rec.update({
                     "learning_rate": lr,
                     "grad_norm": last_grad_norm,
+                    "tokens": window["tokens"] * world,  # real tokens of the steps since the last line
                     "tokens_per_second": window["tokens"] * world / elapsed,
                     "peak_memory_gb": round(_peak_memory_gb(device), 3),
                 })

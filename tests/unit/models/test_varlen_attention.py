@@ -114,22 +114,38 @@ def test_choice_of_implementation(monkeypatch):
     assert attention.unsupported_reason(windowed, 256) is None  # rows shorter than the window
 
 
-@pytest.mark.integration
-def test_sft_stage_trains_packed_with_varlen_and_switches_back(tmp_path, tiny_model, quickstart_data):
+def _sft_losses(tmp_path, tiny_model, quickstart_data, name, **kw):
+    import json
+
     from lmpipeline.config.schema import SFTConfig
     from lmpipeline.methods.sft import SFTStage
 
-    def run(attn, out):
-        cfg = SFTConfig(stage_name="sft", output_dir=str(out), dataset_name_or_path=str(quickstart_data / "sft_train.jsonl"),
-                        max_steps=4, per_device_train_batch_size=2, max_seq_length=256, packing=True,
-                        learning_rate=1e-3, logging_steps=1, save_strategy="no", seed=1, attn_implementation=attn,
-                        use_lora=True, lora_r=4, lora_alpha=8)
-        stage = SFTStage(cfg)
-        result = stage.execute(model_name_or_path=str(tiny_model))
-        return stage, [r["loss"] for r in map(__import__("json").loads, open(out / "metrics.jsonl")) if "loss" in r]
+    out = tmp_path / name
+    cfg = SFTConfig(stage_name="sft", output_dir=str(out), dataset_name_or_path=str(quickstart_data / "sft_train.jsonl"),
+                    max_steps=4, per_device_train_batch_size=2, max_seq_length=256, learning_rate=1e-3,
+                    logging_steps=1, save_strategy="no", seed=1, use_lora=True, lora_r=4, lora_alpha=8,
+                    lora_dropout=0.0, **kw)  # dropout masks depend on tensor shapes: off for exact comparisons
+    stage = SFTStage(cfg)
+    stage.execute(model_name_or_path=str(tiny_model))
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return stage, [r["loss"] for r in lines if "loss" in r], [r["tokens"] for r in lines if "tokens" in r]
 
-    stage, varlen_losses = run("varlen", tmp_path / "varlen")
+
+@pytest.mark.integration
+def test_sft_stage_trains_packed_with_varlen_and_switches_back(tmp_path, tiny_model, quickstart_data):
+    stage, varlen, _ = _sft_losses(tmp_path, tiny_model, quickstart_data, "varlen", packing=True,
+                                   attn_implementation="varlen")
     assert stage.model.get_base_model().config._attn_implementation == "sdpa"  # switched back
-    _, sdpa_losses = run("sdpa", tmp_path / "sdpa")
-    assert len(varlen_losses) == 4
-    assert varlen_losses == pytest.approx(sdpa_losses, rel=1e-4)
+    _, sdpa, _ = _sft_losses(tmp_path, tiny_model, quickstart_data, "sdpa", packing=True, attn_implementation="sdpa")
+    assert len(varlen) == 4 and varlen == pytest.approx(sdpa, rel=1e-4)
+
+
+@pytest.mark.integration
+def test_padding_free_gives_the_padded_batches_losses(tmp_path, tiny_model, quickstart_data):
+    """padding_free: the same micro-batches as padded training, end to end in one row: same losses,
+    and the real-token count per step (metrics "tokens") is the same too."""
+    _, free, free_tokens = _sft_losses(tmp_path, tiny_model, quickstart_data, "free", padding_free=True,
+                                       attn_implementation="varlen")
+    _, padded, padded_tokens = _sft_losses(tmp_path, tiny_model, quickstart_data, "padded")
+    assert free == pytest.approx(padded, rel=1e-4), (free, padded)
+    assert free_tokens == padded_tokens and all(t > 0 for t in free_tokens)
