@@ -67,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--jsonl", action="store_true", help="one JSON object per example: input_ids and labels")
     insp.add_argument("--packed", action="store_true", help="show one packed batch as well")
 
-    from lmpipeline.commands import (chat_cmd, estimate_cmd, eval_cmd, generate, launch_cmd, merge_cmd, package_cmd,
-                                     report_cmd, slurm_cmd)
+    from lmpipeline.commands import (bench_cmd, chat_cmd, estimate_cmd, eval_cmd, generate, launch_cmd, merge_cmd,
+                                     package_cmd, report_cmd, slurm_cmd)
 
-    for module in (eval_cmd, generate, chat_cmd, merge_cmd, package_cmd, report_cmd, launch_cmd, slurm_cmd, estimate_cmd):
+    for module in (eval_cmd, generate, chat_cmd, merge_cmd, package_cmd, report_cmd, launch_cmd, slurm_cmd, estimate_cmd,
+                   bench_cmd):
         module.add_parser(sub)
     run.add_argument("--pilot", nargs="?", const=100, type=int, metavar="STEPS",
                      help="pilot (seed 002): the first training stage for STEPS steps (default 100) on the golden "

@@ -1,0 +1,89 @@
+"""Named benchmark settings: what each engine runs, on top of the common hyper-parameters.
+
+Common to every setting (the peer measurement's, GUIDE section 5): LoRA r16 on the 7 projections
+(alpha 16 for SFT, 32 for DPO; dropout 0), adamw_8bit, bf16, seed 3407, one log line per step.
+SFT lr 2e-4; DPO lr 5e-5, beta 0.1, max length 1024, reference = the model with its adapter off.
+
+`batch` x `ga` is the same global batch within a kind unless the name says otherwise, so loss curves
+are comparable across settings and engines.
+"""
+
+from __future__ import annotations
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+SFT_COMMON = dict(lora_r=16, lora_alpha=16, lora_dropout=0.0, lora_target_modules=TARGETS, learning_rate=2e-4,
+                  optim="adamw_8bit", bf16=True, seed=3407)
+DPO_COMMON = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target_modules=TARGETS, learning_rate=5e-5,
+                  beta=0.1, optim="adamw_8bit", bf16=True, seed=3407, max_seq_length=1024)
+
+# name -> (description, settings). Ours: SFTConfig/DPOConfig fields. TRL: our own names, translated in
+# measure.run_trl_* (packing, liger, gradient_checkpointing, use_4bit, batch, ga).
+SFT = {
+    "ours": {
+        "packed": ("packing 2 x 2048, varlen attention, no checkpointing (TRL's best setting, ours)",
+                   dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                        gradient_checkpointing=False)),
+        "packed-bs4": ("packing 4 x 2048 x GA 2, varlen, no checkpointing",
+                       dict(packing=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                            gradient_checkpointing=False)),
+        "packed-liger": ("packing 2 x 2048, varlen, Liger kernels, no checkpointing",
+                         dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                              gradient_checkpointing=False, use_liger_kernel=True)),
+        "packed-ckpt": ("packing 2 x 2048, varlen, checkpointing (lean)",
+                        dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                             gradient_checkpointing=True)),
+        "padded-ckpt": ("no packing, padded 2 x GA 4, checkpointing (seed example layout)",
+                        dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing=True)),
+        "qlora-seed": ("QLoRA NF4, no packing, padded 2 x GA 4, checkpointing (the seed example as written)",
+                       dict(use_4bit=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                            gradient_checkpointing=True)),
+        "qlora-padfree": ("QLoRA NF4, 2 x GA 4 examples padding-free (varlen), checkpointing",
+                          dict(use_4bit=True, padding_free=True, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=4, gradient_checkpointing=True)),
+        "qlora-packed-ckpt": ("QLoRA NF4, packing 2 x 2048 x GA 4, varlen, checkpointing",
+                              dict(use_4bit=True, packing=True, per_device_train_batch_size=2,
+                                   gradient_accumulation_steps=4, gradient_checkpointing=True)),
+    },
+    "trl": {
+        "best": ("TRL packing 2 x 2048 + Liger, no checkpointing (the best peer setting, 12,459 tok/s)",
+                 dict(packing=True, liger=True, gradient_checkpointing=False, batch=2, ga=4)),
+        "packed-ckpt-liger": ("TRL packing 2 x 2048 + Liger, checkpointing",
+                              dict(packing=True, liger=True, gradient_checkpointing=True, batch=2, ga=4)),
+        "qlora-seed": ("TRL QLoRA NF4, no packing, 2 x GA 4, checkpointing (666 tok/s)",
+                       dict(use_4bit=True, gradient_checkpointing=True, batch=2, ga=4)),
+    },
+}
+
+DPO = {
+    "ours": {
+        "seed": ("bf16 LoRA, 2 pairs x GA 4, checkpointing (the peer setting; pairs packed, varlen)",
+                 dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing=True)),
+        "fast": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing (same global batch)",
+                 dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, gradient_checkpointing=False)),
+        "fast-precomputed": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing, reference log-probs precomputed",
+                             dict(per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                                  gradient_checkpointing=False, precompute_ref_log_probs=True)),
+        "qlora-seed": ("QLoRA NF4, 2 pairs x GA 4, checkpointing (pairs packed, varlen)",
+                       dict(use_4bit=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                            gradient_checkpointing=True)),
+        "qlora-precomputed": ("QLoRA NF4, 4 pairs x GA 2, checkpointing, reference precomputed",
+                              dict(use_4bit=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                   gradient_checkpointing=True, precompute_ref_log_probs=True)),
+    },
+    "trl": {
+        "seed": ("TRL bf16 LoRA, 2 pairs x GA 4, checkpointing (2.55 pairs/s)",
+                 dict(gradient_checkpointing=True, batch=2, ga=4)),
+        "qlora-seed": ("TRL QLoRA NF4, 2 pairs x GA 4, checkpointing (2.06 pairs/s)",
+                       dict(use_4bit=True, gradient_checkpointing=True, batch=2, ga=4)),
+    },
+}
+
+KINDS = {"sft": SFT, "dpo": DPO}
+
+
+def lookup(kind: str, engine: str, name: str) -> tuple[str, dict]:
+    table = KINDS[kind][engine]
+    if name not in table:
+        raise ValueError(f"no {engine} {kind} setting {name!r}; choose from {sorted(table)}")
+    return table[name]
