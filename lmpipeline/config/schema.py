@@ -164,6 +164,10 @@ class TrainStageConfig(_Strict):
         "not fit the GPU without it (off on CPU)."
     )
     use_liger_kernel: bool = Field(False, description="Liger Triton kernels (GPU).")
+    torch_compile: bool = Field(
+        False, description="Compile each decoder layer with torch.compile (fused kernels; the first steps are "
+        "slower while it compiles)."
+    )
     attn_implementation: Optional[str] = Field(
         None, description="Attention backend: sdpa, eager, flex_attention, flash_attention_2, or varlen "
         "(packed rows through PyTorch's variable-length flash kernel). Unset or auto: varlen when packing on a "

@@ -26,6 +26,7 @@ from lmpipeline.data.types import (
     TokenizedExample,
 )
 from lmpipeline.errors import UserError
+from lmpipeline.models.compile import static_max_length
 from lmpipeline.train.loop import BatchPlan
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,8 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
             return [[i for b in order[s:s + bsz] for i in bins[b]] for s in range(0, len(order), bsz)]
 
         def collate(idx: list[int]) -> dict:
-            return packing.collate_packed([train[i] for i in idx])
+            batch = packing.collate_packed([train[i] for i in idx])
+            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile else batch
     else:
         def epoch_batches(epoch: int) -> list[list[int]]:
             order = _shuffled(len(train), cfg.seed + epoch)
@@ -301,7 +303,10 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
 
         def collate(idx: list[int]) -> dict:
             examples = [train[i] for i in idx]
-            return packing.collate_packed(examples) if cfg.padding_free else packing.collate_padded(examples, pad_id)
+            if not cfg.padding_free:
+                return packing.collate_padded(examples, pad_id)
+            batch = packing.collate_packed(examples)
+            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile else batch
 
     def describe(idx: list[int]) -> list[str]:
         return [str(train[i].source) if train[i].source else f"example {i}" for i in idx]

@@ -57,6 +57,7 @@ from lmpipeline.data.types import (
     TokenizedPair,
 )
 from lmpipeline.errors import UserError
+from lmpipeline.models.compile import static_max_length
 from lmpipeline.train.loop import BatchPlan
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,10 @@ def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int =
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def layout(pairs, ref):  # the micro-batch layout chosen for this run
-        return collate_pairs_packed(pairs, ref) if packed else collate_pairs(pairs, pad_id, ref)
+        if not packed:
+            return collate_pairs(pairs, pad_id, ref)
+        batch = collate_pairs_packed(pairs, ref)
+        return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile else batch
 
     train, bsz = data.train, cfg.per_device_train_batch_size
 

@@ -94,7 +94,8 @@ from lmpipeline.methods.logprobs import (
 )
 from lmpipeline.methods.sft import _log_trainable, save_final
 from lmpipeline.data.packing import flash_attn_kwargs
-from lmpipeline.models import attention, loading
+from lmpipeline.models import loading
+from lmpipeline.models.speedups import TrainingSpeedups
 from lmpipeline.train.loop import autocast_for, train
 from lmpipeline.train.runtime import make_accelerator, seed_everything
 
@@ -553,7 +554,7 @@ class DPOStage:
             ref_model = copy.deepcopy(model).eval()
             ref_model.requires_grad_(False)
         if cfg.use_liger_kernel:
-            loading.apply_liger(model)
+            loading.apply_liger(model, loss_only=cfg.torch_compile)
         if cfg.use_lora:
             if stacked:
                 model = _add_stacked_lora(model, cfg)
@@ -566,13 +567,9 @@ class DPOStage:
             loading.enable_gradient_checkpointing(model)
         _log_trainable(model)
         # Varlen attention (GPU, or asked for) puts each micro-batch's sequences end to end in one row:
-        # no padding, same log-probs. Switched back after training (generation pads on the left).
-        attn = attention.attention_for(model, requested=cfg.attn_implementation, packed=True,
-                                       max_seq_length=cfg.max_seq_length)
-        self.packed = attn is not None
-        switched = [(m, attention.switch(m, attn)) for m in (model, ref_model) if attn and m is not None]
-        if attn:
-            log.info("[%s] attention: %s, chosen and rejected sequences packed without padding", cfg.stage_name, attn)
+        # no padding, same log-probs. Undone after training (generation pads on the left).
+        speed = TrainingSpeedups(model, cfg, packed=True, others=[ref_model])
+        self.packed = speed.varlen
 
         accelerator = make_accelerator(cfg, out)
         if ref_model is not None:
@@ -590,26 +587,25 @@ class DPOStage:
             "dropout_disabled_modules": dropped,
             "ref_cache": "off",
         }
-        ref_train = ref_eval = None
-        if cfg.precompute_ref_log_probs and mode != "none":
-            ref, hit, key = self._precompute(objective, model, data, tokenizer, accelerator, start, torch_dtype,
-                                             mode, in_memory)
-            ref_train, ref_eval = ref.train, ref.eval
-            notes.update(ref_cache="hit" if hit else "miss", ref_cache_key=key,
-                         reference=notes["reference"] + ", precomputed once before training")
-            objective.reference, objective.ref_model = "precomputed", None
-            ref_model = None  # the frozen copy is no longer needed during training
+        with speed:
+            ref_train = ref_eval = None
+            if cfg.precompute_ref_log_probs and mode != "none":
+                ref, hit, key = self._precompute(objective, model, data, tokenizer, accelerator, start, torch_dtype,
+                                                 mode, in_memory)
+                ref_train, ref_eval = ref.train, ref.eval
+                notes.update(ref_cache="hit" if hit else "miss", ref_cache_key=key,
+                             reference=notes["reference"] + ", precomputed once before training")
+                objective.reference, objective.ref_model = "precomputed", None
+                ref_model = None  # the frozen copy is no longer needed during training
 
-        train_plan, eval_plan = make_pair_plans(cfg, data, tokenizer, rank=accelerator.process_index,
-                                                world=accelerator.num_processes, ref_train=ref_train, ref_eval=ref_eval,
-                                                packed=self.packed)
-        try:
-            result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
-                           output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
-        finally:
-            for m, before in switched:
-                attention.switch(m, before)
-            accelerator.end_training()
+            train_plan, eval_plan = make_pair_plans(cfg, data, tokenizer, rank=accelerator.process_index,
+                                                    world=accelerator.num_processes, ref_train=ref_train,
+                                                    ref_eval=ref_eval, packed=self.packed)
+            try:
+                result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
+                               output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
+            finally:
+                accelerator.end_training()
 
         final_dir = out / "final"
         unwrapped = accelerator.unwrap_model(model)

@@ -29,7 +29,8 @@ from lmpipeline.data.build import SFTData, build_sft_data, make_batch_plans
 from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.errors import UserError
 from lmpipeline.methods.logprobs import fused_head_usable, hidden_token_logps
-from lmpipeline.models import attention, loading
+from lmpipeline.models import loading
+from lmpipeline.models.speedups import TrainingSpeedups
 from lmpipeline.plan import autofit
 from lmpipeline.train.loop import train
 from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
@@ -123,44 +124,36 @@ class SFTStage:
             loading.quantization_config(cfg)  # fails now, with the key, if QLoRA is asked for without a GPU
             model = loading.load_model(model_name_or_path, cfg, torch_dtype=torch_dtype)
         if cfg.use_liger_kernel:
-            loading.apply_liger(model)
+            loading.apply_liger(model, loss_only=cfg.torch_compile)
         if cfg.use_lora and not hasattr(model, "peft_config"):
             model = loading.apply_lora(model, cfg)
         if cfg.gradient_checkpointing:
             loading.enable_gradient_checkpointing(model)
         _log_trainable(model)
         packed = cfg.padding_free or (cfg.packing and cfg.packing_strategy in ("bfd", "ffd"))
-        attn = attention.attention_for(model, requested=cfg.attn_implementation, packed=packed,
-                                       max_seq_length=cfg.max_seq_length)
-        # Switched back after training: varlen is for packed training rows, not for generation.
-        attn_before = attention.switch(model, attn) if attn else None
-        if attn:
-            log.info("[%s] attention: %s over packed rows (was %s)", cfg.stage_name, attn, attn_before)
         # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.
         objective = SFTObjective(fused=cfg.chunked_loss and not cfg.use_liger_kernel and fused_head_usable(model))
         log.info("[%s] loss: %s", cfg.stage_name, "trained positions only, LM head in chunks" if objective.fused
                  else "the model's own loss over full logits")
-        # On a GPU, one step at the auto-chosen size confirms it fits (backing off on out-of-memory).
-        cfg, probe = autofit.probe_sft(model, cfg, data, tokenizer, objective)
-        self.config = cfg
-
-        accelerator = make_accelerator(cfg, out)
-        train_plan, eval_plan = make_batch_plans(cfg, data, tokenizer, rank=accelerator.process_index,
-                                                 world=accelerator.num_processes)
         neftune = None
-        if cfg.neftune_noise_alpha:
-            from transformers.integrations.neftune import activate_neftune
+        with TrainingSpeedups(model, cfg, packed=packed):
+            # On a GPU, one step at the auto-chosen size confirms it fits (backing off on out-of-memory).
+            cfg, probe = autofit.probe_sft(model, cfg, data, tokenizer, objective)
+            self.config = cfg
+            accelerator = make_accelerator(cfg, out)
+            train_plan, eval_plan = make_batch_plans(cfg, data, tokenizer, rank=accelerator.process_index,
+                                                     world=accelerator.num_processes)
+            if cfg.neftune_noise_alpha:
+                from transformers.integrations.neftune import activate_neftune
 
-            neftune = activate_neftune(model, cfg.neftune_noise_alpha)
-        try:
-            result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
-                           output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
-        finally:
-            if neftune is not None:
-                neftune.remove()
-            if attn_before:
-                attention.switch(model, attn_before)
-            accelerator.end_training()
+                neftune = activate_neftune(model, cfg.neftune_noise_alpha)
+            try:
+                result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
+                               output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
+            finally:
+                if neftune is not None:
+                    neftune.remove()
+                accelerator.end_training()
 
         final_dir = out / "final"
         state_dict = full_state_dict(accelerator, model)  # sharded runs: a gather every rank joins

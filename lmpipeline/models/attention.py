@@ -62,7 +62,7 @@ def _repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _kernel(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tensor:
-    varlen_attn, causal, gqa = _torch_varlen()
+    varlen_attn, causal, gqa = _VARLEN
     n_rep = q.shape[1] // k.shape[1]
     extra = dict(causal)
     if n_rep > 1:
@@ -98,7 +98,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError(f"{VARLEN} expects one packed row per micro-batch, got {query.shape[0]} rows")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-    if q.is_cuda and _torch_varlen() is not None and not (dropout and module.training):
+    if q.is_cuda and _VARLEN is not None and not (dropout and module.training):
         out = _kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_length_q), scaling)
     else:
         out = _per_example(q, k, v, cu, scaling, dropout if module.training else 0.0)
@@ -110,6 +110,10 @@ def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
+
+
+# Looked up once at import: the forward reads a plain global, which torch.compile traces without a break.
+_VARLEN = _torch_varlen()
 
 
 def _text_config(model):

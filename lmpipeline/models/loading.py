@@ -183,7 +183,10 @@ def enable_gradient_checkpointing(model) -> None:
         model.config.use_cache = False
 
 
-def apply_liger(model) -> None:
+def apply_liger(model, *, loss_only: bool = False) -> None:
+    """Liger's Triton kernels on `model` in place. loss_only: just its fused linear cross-entropy, for
+    torch_compile runs (Inductor fuses norms, SwiGLU and RoPE itself, and cannot trace Liger's
+    autograd functions inside a compiled layer)."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
@@ -191,4 +194,8 @@ def apply_liger(model) -> None:
     if not torch.cuda.is_available():
         raise UserError("Liger kernels are Triton GPU kernels and no CUDA GPU is visible", key="use_liger_kernel")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _apply_liger_kernel_to_instance(model=base)
+    if loss_only:
+        _apply_liger_kernel_to_instance(model=base, rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                                        fused_linear_cross_entropy=True)
+    else:
+        _apply_liger_kernel_to_instance(model=base)

@@ -149,3 +149,17 @@ def test_padding_free_gives_the_padded_batches_losses(tmp_path, tiny_model, quic
     _, padded, padded_tokens = _sft_losses(tmp_path, tiny_model, quickstart_data, "padded")
     assert free == pytest.approx(padded, rel=1e-4), (free, padded)
     assert free_tokens == padded_tokens and all(t > 0 for t in free_tokens)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_losses(tmp_path, tiny_model, quickstart_data):
+    """Regional compile (models/compile.py) over packed varlen rows: same losses as eager, and the
+    layers are eager again afterwards. Slow on CPU (Inductor compiles C++); run with -m slow."""
+    stage, compiled, _ = _sft_losses(tmp_path, tiny_model, quickstart_data, "compiled", packing=True,
+                                     attn_implementation="varlen", torch_compile=True)
+    _, eager, _ = _sft_losses(tmp_path, tiny_model, quickstart_data, "eager", packing=True,
+                              attn_implementation="varlen")
+    assert compiled == pytest.approx(eager, rel=1e-3)
+    from lmpipeline.models.compile import decoder_layers
+
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(stage.model))

@@ -1,0 +1,61 @@
+"""Regional torch.compile: each decoder layer compiled, the rest of the model left eager.
+
+All layers of a model share one compiled graph (torch >= 2.5 treats a module's parameters as inputs,
+so the 28 layers of Llama-3.2-3B compile once), which keeps compile time to one layer's. Shapes are
+dynamic (dynamic=True): a packed row's length and its number of examples change every step, and a
+static-shape compile would recompile for each. Attention stays whatever the model uses (the varlen op
+of models/attention.py is a registered custom op, so it compiles as one opaque call).
+Fuses what PyTorch runs as many small kernels per layer: RMSNorm's float32 round trip, RoPE, SiLU x up,
+LoRA's casts, scale and add.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The model's list of decoder layers (under PEFT and accelerate wrappers), or None."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    base = getattr(inner, "model", inner)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    return None
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile every decoder layer in place (Module.compile); returns how many were compiled."""
+    layers = decoder_layers(model)
+    if layers is None:
+        log.warning("torch_compile: no decoder layer list found on %s; running eager", type(model).__name__)
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("torch_compile: %d decoder layers compiled (one graph, dynamic shapes)", len(layers))
+    return len(layers)
+
+
+def uncompile_decoder_layers(model) -> None:
+    """Back to eager layers (after training: generation would recompile for its own shapes)."""
+    layers = decoder_layers(model)
+    for layer in layers or []:
+        layer._compiled_call_impl = None
+
+
+def static_max_length(batch: dict, bound: int) -> dict:
+    """A packed batch whose `max_length` is the fixed `bound` instead of its longest example. The varlen
+    kernel only uses it to size its grid (blocks past an example's end exit at once), and a value that
+    changes every step would make torch.compile recompile the layer every step."""
+    if "max_length" in batch:
+        batch["max_length"] = max(int(batch["max_length"]), bound)
+    return batch

@@ -1,0 +1,62 @@
+"""models/speedups.py: what TrainingSpeedups switches on is exact and is undone on exit."""
+
+from types import SimpleNamespace
+
+import torch
+
+from lmpipeline.models import attention
+from lmpipeline.models.speedups import TrainingSpeedups
+
+
+def _lora_llama():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # non-zero B, so the adapters change the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lora_input_casts_off_under_autocast_is_exact_and_restored():
+    model = _lora_llama()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    cfg = SimpleNamespace(attn_implementation=None, max_seq_length=64, bf16=True, fp16=False, torch_compile=False,
+                          stage_name="sft")
+    flags = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert flags and all(m.cast_input_dtype_enabled for m in flags)
+    with TrainingSpeedups(model, cfg, packed=False) as speed:
+        assert not speed.varlen
+        assert not any(m.cast_input_dtype_enabled for m in flags)
+        loss, grads = _loss_and_grads(model, ids)
+    assert all(m.cast_input_dtype_enabled for m in flags)
+    # bf16 -> fp32 -> bf16 is exact, so skipping the round trip changes nothing
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_fp32_training_keeps_the_casts_and_varlen_is_switched_back():
+    model = _lora_llama()
+    cfg = SimpleNamespace(attn_implementation="varlen", max_seq_length=64, bf16=False, fp16=False, torch_compile=False,
+                          stage_name="sft")
+    flags = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    with TrainingSpeedups(model, cfg, packed=True) as speed:
+        assert speed.varlen and model.get_base_model().config._attn_implementation == attention.VARLEN
+        assert all(m.cast_input_dtype_enabled for m in flags)  # no autocast: the casts are needed
+    assert model.get_base_model().config._attn_implementation == "sdpa"
