@@ -134,6 +134,17 @@ class TokenProfile:
             return sum(min(int(x), cap) for x in self.lengths) / len(self.lengths)
         return float(cap)
 
+    def largest_sum(self, rows: int, batches_seen: int, cap: int) -> int:
+        """Median (over resamplings) of the largest total length of `rows` rows among `batches_seen`
+        micro-batches: the peak micro-batch of a padding-free layout. rows x cap without a sample."""
+        if not self.lengths:
+            return rows * cap
+        data = [min(int(x), cap) for x in self.lengths if x > 0]
+        rng = random.Random(0)
+        draws = max(1, min(batches_seen, 2000))
+        peaks = sorted(max(sum(rng.choice(data) for _ in range(rows)) for _ in range(draws)) for _ in range(21))
+        return peaks[len(peaks) // 2]
+
     def padding_inflation(self, batch: int, cap: int) -> float:
         """Computed / real tokens of padded micro-batches of `batch` rows (1.0 without a sample)."""
         if not self.lengths or batch <= 1:
@@ -158,7 +169,8 @@ class Setup:
     micro_batch: int = 1  # rows (DPO: pairs; each pair is two rows)
     grad_accum: int = 1
     seq_len: int = 2048
-    packing: bool = False
+    packing: bool = False  # SFT bins of seq_len tokens
+    padding_free: bool = False  # rows end to end without padding (SFT padding_free; DPO under varlen)
     gradient_checkpointing: bool = False
     use_lora: bool = True
     lora_r: int = 16
@@ -202,19 +214,38 @@ def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str =
             reference = "frozen_copy"
         else:
             reference = "adapter_disabled"
-    attn = stage.attn_implementation or ("eager" if arch is not None and arch.attn_softcap else "sdpa")
+    attn = _attention(stage, kind, arch)
     batch = stage.per_device_train_batch_size
     gc = stage.gradient_checkpointing
+    packing = bool(stage.packing) and kind == "sft"
+    # Varlen rows carry no padding: DPO pairs always, SFT with padding_free (packing fills its bins anyway).
+    padding_free = attn == "varlen" and not packing
     values = dict(
         kind=kind, micro_batch=batch if isinstance(batch, int) else 1, grad_accum=stage.gradient_accumulation_steps,
-        seq_len=stage.max_seq_length, packing=bool(stage.packing) and kind == "sft",
+        seq_len=stage.max_seq_length, packing=packing, padding_free=padding_free,
         gradient_checkpointing=gc if isinstance(gc, bool) else False, use_lora=stage.use_lora,
         lora_r=stage.lora_r, lora_targets=stage.lora_target_modules, lora_dropout=stage.lora_dropout,
         use_dora=stage.use_dora, quant=quant, double_quant=stage.bnb_4bit_use_double_quant,
         weight_bytes=weight_bytes, autocast=bool(stage.bf16 or stage.fp16), optim=stage.optim,
-        liger=stage.use_liger_kernel, attn=attn, reference=reference, impl=impl)
+        liger=stage.use_liger_kernel, attn=attn, reference=reference, impl=impl,
+        loss_path="auto" if getattr(stage, "chunked_loss", True) else "full_logits")
     values.update(overrides)
     return Setup(**values)
+
+
+def _attention(stage, kind: str, arch: Architecture | None) -> str:
+    """The attention a run of `stage` uses on a GPU (models/attention.attention_for's rule): varlen for
+    packed SFT rows, padding-free SFT and every DPO stage unless another backend is named or the
+    architecture needs what the kernel lacks (soft-capping, a sliding window shorter than a row)."""
+    requested = stage.attn_implementation
+    if requested not in (None, "auto", "varlen", "lmp_varlen"):
+        return requested
+    softcap = arch is not None and arch.attn_softcap
+    window = arch is not None and arch.sliding_window and arch.sliding_window < stage.max_seq_length
+    packed = kind == "dpo" or stage.packing or getattr(stage, "padding_free", False)
+    if packed and not softcap and not window:
+        return "varlen"
+    return "eager" if softcap else "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,18 +327,24 @@ class Flow:
     gqa_native: bool  # k/v saved at KV-head width (flash, flex, or SDPA without a mask)
     masked: bool  # SDPA gets a 4D mask (padding, or packed rows' block-diagonal mask)
     eager: bool
+    uncast: bool = False  # LoRA inputs reach lora_A uncast (no per-module copy)
 
 
 def _flow(setup: Setup) -> Flow:
     fp32_model = setup.weight_bytes == 4 and setup.quant == "none"
-    kbit_upcast = setup.quant != "none" and setup.impl == "lmpipeline"
-    resid = 4 if (fp32_model or kbit_upcast) else 2
+    # peft's prepare_model_for_kbit_training upcasts norms and embeddings to fp32; lmpipeline casts the
+    # frozen ones back (models/loading.apply_lora) and TRL keeps them bf16, so the stream stays bf16.
+    resid = 4 if fp32_model else 2
     act = 2 if (setup.autocast or setup.weight_bytes == 2) else 4
     mlp_out = resid if setup.quant != "none" else act
     masked = setup.attn in ("sdpa", "eager") and (setup.packing or setup.rows > 1 or setup.kind == "dpo")
+    # lmpipeline trains with PEFT's input casts off under autocast (models/speedups.py): a LoRA layer's
+    # bf16 input is saved once per group of modules reading it, as for bitsandbytes layers.
+    uncast = setup.impl == "lmpipeline" and setup.autocast
     return Flow(resid=resid, act=act, mlp_out=mlp_out, lora=setup.use_lora,
                 dropout=setup.use_lora and setup.lora_dropout > 0, full_ft=not setup.use_lora, liger=setup.liger,
-                gqa_native=setup.attn in ("flash_attention_2", "flash_attention_3", "flex_attention") or not masked,
+                gqa_native=setup.attn in ("flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
+                or not masked, uncast=uncast,
                 masked=masked and setup.attn == "sdpa", eager=setup.attn == "eager")
 
 
@@ -357,11 +394,15 @@ def _layer_terms(arch: Architecture, setup: Setup, ctx_len: int) -> dict[str, fl
         # bf16 for lora_A: a new tensor per module. Under autocast bitsandbytes layers skip PEFT's cast
         # (peft/tuners/lora/bnb.py), so only an fp32 input is copied. Without autocast only a non-fp32
         # input is cast (to fp32); an fp32 input is shared by the modules that read it.
-        if setup.autocast:
-            if (not bnb) or xb == 4:
-                proj += len(hit) * 2 * d
-            elif not shared_with_attention:
+        if setup.autocast and xb != 4 and (f.uncast or bnb):
+            # The bf16 input reaches lora_A as it is (our casts off; bitsandbytes layers skip PEFT's cast):
+            # saved once for the modules of the group that read it.
+            if not shared_with_attention:
                 proj += xb * d
+        elif setup.autocast:
+            # PEFT casts each module's input to fp32 and autocast casts it back to bf16 for lora_A (an
+            # fp32 input is cast by autocast alone): a new bf16 tensor per module.
+            proj += len(hit) * 2 * d
         elif xb != 4:
             proj += len(hit) * 4 * d
         elif not shared_with_attention:
@@ -405,9 +446,8 @@ def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -
     """Bytes the loss holds at its own peak (logits and their gradients), for `tokens` in the micro-batch
     and `positions` scored through the LM head."""
     V, H = arch.vocab_size, arch.hidden_size
-    # An fp32 LM head (the kbit upcast) is cast to bf16 by autocast on every call: a head-sized copy.
-    head_fp32 = setup.quant != "none" and setup.impl == "lmpipeline" and setup.autocast
-    cast = 2 * V * H if head_fp32 else 0
+    head_fp32 = False  # the LM head stays in the compute dtype (see _flow)
+    cast = 0
     if setup.liger and setup.kind == "sft":
         # Liger fused linear cross-entropy: chunks of next_pow2(tokens / ceil(V/H)) rows in fp32, and
         # the input gradient (tokens x hidden) computed in the forward.
@@ -417,7 +457,8 @@ def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -
     if setup.impl == "trl" and fused_ok:
         rows = min(positions, TRL_TILE_TOKENS)
         return 2 * rows * TRL_TILE_VOCAB + 4 * positions * H + 32 * positions, "TRL fused LM head (4096 x 32768 tiles)"
-    if setup.kind == "dpo" and fused_ok:
+    if fused_ok and (setup.kind == "dpo" or setup.impl == "lmpipeline"):
+        # methods/logprobs.TokenLogps: trained / completion positions only, in chunks (SFT: chunked_loss)
         rows = max(1, OURS_DPO_CHUNK_ELEMENTS // V)
         n = min(positions, rows)
         # per chunk: bf16 logits, their fp32 copy and the softmax gradient (+ its fp32 cast for an fp32 head)
@@ -496,8 +537,10 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
     seen = rows_seen or (profile.rows or 10**6)
     row_len = setup.seq_len if setup.packing else profile.longest(seen, setup.seq_len)
     tokens = rows * row_len
+    if setup.padding_free:  # no padding: the largest micro-batch is the largest sum of real lengths
+        tokens = profile.largest_sum(rows, max(1, seen // rows), setup.seq_len)
     # transformers flattens our packed micro-batch into one [1, rows x len] row with a block mask.
-    ctx = tokens if setup.packing else row_len
+    ctx = tokens if (setup.packing or setup.padding_free) else row_len
     flow = _flow(setup)
     terms = _layer_terms(arch, setup, ctx)
     per_layer = sum(terms.values())
@@ -551,11 +594,10 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
 
     if setup.packing and setup.attn == "sdpa":
         notes.append("packed rows on SDPA use a dense block-diagonal mask (slow, and its memory is counted); "
-                     "flex_attention or flash_attention_2 avoid it")
-    if setup.kind == "sft" and setup.impl == "lmpipeline" and not setup.liger and loss > 0.25 * peak:
-        notes.append(f"full-vocabulary logits cost {_g(loss)} here: use_liger_kernel: true computes the loss in chunks")
-    if setup.quant != "none" and setup.impl == "lmpipeline":
-        notes.append("prepare_model_for_kbit_training casts embeddings and norms to fp32 (and so the residual stream)")
+                     "attn_implementation: varlen (the default for packing on a GPU) avoids it")
+    if setup.kind == "sft" and setup.loss_path == "full_logits" and not setup.liger and loss > 0.25 * peak:
+        notes.append(f"full-vocabulary logits cost {_g(loss)} here: chunked_loss: true scores the trained "
+                     "positions in chunks")
     if setup.kind == "dpo" and setup.reference == "adapter_disabled":
         notes.append("DPO reference = the model with its adapter disabled: no second copy, one extra no-grad forward")
     notes.extend(arch.notes)
@@ -645,13 +687,15 @@ def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile:
 
     def add(text: str, **changes):
         est = estimate_memory(arch, replace(setup, **changes), profile, rows_seen)
-        if est.peak < current:  # e.g. QLoRA without checkpointing can cost more here (fp32 activations)
+        if est.peak < current:  # a change that does not lower the peak here is not offered
             out.append((text, est.peak, hardware.fits(est.peak, device)))
 
     if not setup.gradient_checkpointing:
         add("gradient_checkpointing: true", gradient_checkpointing=True)
-    if setup.kind == "sft" and not setup.liger and setup.impl == "lmpipeline":
-        add("use_liger_kernel: true (chunked loss, no full logits)", liger=True)
+    if setup.kind == "sft" and setup.loss_path == "full_logits" and not setup.liger and setup.impl == "lmpipeline":
+        add("chunked_loss: true (trained positions through the LM head in chunks, no full logits)", loss_path="auto")
+    if setup.kind == "sft" and (setup.packing or setup.padding_free) and setup.attn == "sdpa":
+        add("attn_implementation: varlen (no block mask over packed rows)", attn="varlen")
     if setup.use_lora and setup.quant == "none":
         add("use_4bit: true (QLoRA)", quant="4bit")
     if not setup.use_lora:
@@ -672,8 +716,8 @@ def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile:
     combo = dict(gradient_checkpointing=True, micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
     if setup.use_lora and setup.quant == "none":
         combo["quant"] = "4bit"
-    if setup.kind == "sft" and setup.impl == "lmpipeline":
-        combo["liger"] = True
+    if setup.kind == "sft" and setup.impl == "lmpipeline" and setup.loss_path == "full_logits":
+        combo["loss_path"] = "auto"
     if len(combo) > 1:
         add("all of: " + ", ".join(f"{k}={v}" for k, v in combo.items()), **combo)
     return out

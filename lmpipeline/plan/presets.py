@@ -208,6 +208,7 @@ class Architecture:
     norm_fp32_math: bool = False  # Gemma: RMSNorm output * (1 + weight) computed in fp32
     attn_softcap: float | None = None  # Gemma-2: attention logits soft-capped (no SDPA kernel)
     final_softcap: float | None = None  # Gemma-2: final logits soft-capped (not lm_head(hidden))
+    sliding_window: int | None = None  # attention window when the model uses one (Mistral v0.1, Gemma-2)
     notes: tuple[str, ...] = ()
 
     @property
@@ -291,6 +292,7 @@ class Architecture:
             norm_fp32_math=model_type in ("gemma", "gemma2", "gemma3_text"),
             attn_softcap=text.get("attn_logit_softcapping"),
             final_softcap=text.get("final_logit_softcapping"),
+            sliding_window=(text.get("sliding_window") if text.get("use_sliding_window", True) else None) or None,
             notes=tuple(notes),
         )
 

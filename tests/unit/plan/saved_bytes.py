@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def build(config, *, lora: dict | None, dtype):
+def build(config, *, lora: dict | None, dtype, uncast: bool = False):
+    """`uncast`: PEFT's LoRA input casts off, as lmpipeline trains under autocast (models/speedups.py)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -19,6 +20,9 @@ def build(config, *, lora: dict | None, dtype):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        for m in model.modules():
+            if uncast and hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
     model.train()
     return model
 

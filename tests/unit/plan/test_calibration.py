@@ -51,12 +51,6 @@ CASES = [
      dict(packing=True, liger=True, micro_batch=8, grad_accum=1), "sft", 240),
     ("TRL DPO QLoRA, <= 1024, checkpointing", 3.46, dict(kind="dpo", quant="4bit", seq_len=1024), "dpo", 200),
     ("TRL DPO bf16 LoRA, <= 1024, checkpointing", 7.69, dict(kind="dpo", seq_len=1024), "dpo", 200),
-    ("lmpipeline DPO QLoRA, fused head", 6.5, dict(kind="dpo", quant="4bit", seq_len=1024, impl="lmpipeline"), "dpo", 200),
-    ("lmpipeline DPO bf16 LoRA, fused head", 8.0, dict(kind="dpo", seq_len=1024, impl="lmpipeline"), "dpo", 200),
-    ("lmpipeline DPO QLoRA, full logits", 10.8,
-     dict(kind="dpo", quant="4bit", seq_len=1024, impl="lmpipeline", loss_path="full_logits"), "dpo", 200),
-    ("lmpipeline DPO bf16 LoRA, full logits", 12.5,
-     dict(kind="dpo", seq_len=1024, impl="lmpipeline", loss_path="full_logits"), "dpo", 200),
 ]
 
 
