@@ -53,6 +53,24 @@ CASES = [
     ("TRL DPO bf16 LoRA, <= 1024, checkpointing", 7.69, dict(kind="dpo", seq_len=1024), "dpo", 200),
 ]
 
+# lmpipeline's own SFT stage, `lmpipeline bench sft` on the H100 (bench/README.md "Memory estimates",
+# bench/results/2026-11-23-sft-*-memory.json and -llama-3.1-8b-alpaca.json): varlen attention, LoRA input
+# casts off, chunked loss; (name, architecture, measured GiB, setup changes, rows drawn).
+OURS = dict(BASE, impl="lmpipeline")
+OURS_CASES = [
+    ("3B bf16 LoRA, packed, varlen, no checkpointing", "llama-3.2-3b", 21.25,
+     dict(packing=True, attn="varlen", gradient_checkpointing=False), 80),
+    ("3B bf16 LoRA, packed, varlen, checkpointing", "llama-3.2-3b", 8.03, dict(packing=True, attn="varlen"), 80),
+    ("3B QLoRA NF4, padded, checkpointing", "llama-3.2-3b", 3.68, dict(quant="4bit"), 80),
+    ("8B QLoRA NF4, padded, checkpointing", "llama-3.1-8b", 8.25, dict(quant="4bit"), 64),
+]
+
+
+@pytest.mark.parametrize("name, arch, measured, changes, seen", OURS_CASES, ids=[c[0] for c in OURS_CASES])
+def test_our_stage_estimates_within_15_percent(name, arch, measured, changes, seen):
+    est = estimate_memory(load_shipped(arch), Setup(**{**OURS, **changes}), sft_bench_profile(), rows_seen=seen)
+    assert est.peak / GIB == pytest.approx(measured, rel=0.15), f"{name}: {est.peak / GIB:.2f} GiB vs {measured}"
+
 
 def estimate_case(changes, data, seen):
     arch = load_shipped("llama-3.2-3b")
