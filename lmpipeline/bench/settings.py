@@ -17,89 +17,77 @@ SFT_COMMON = dict(lora_r=16, lora_alpha=16, lora_dropout=0.0, lora_target_module
 DPO_COMMON = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target_modules=TARGETS, learning_rate=5e-5,
                   beta=0.1, optim="adamw_8bit", bf16=True, seed=3407, max_seq_length=1024)
 
-# name -> (description, settings). Ours: SFTConfig/DPOConfig fields. TRL: our own names, translated in
-# measure.run_trl_* (packing, liger, gradient_checkpointing, use_4bit, batch, ga).
+def _ours(batch: int, ga: int, checkpointing: bool, **options) -> dict:
+    """SFTConfig/DPOConfig fields of one of our settings."""
+    return dict(per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                gradient_checkpointing=checkpointing, **options)
+
+
+def _trl(batch: int, ga: int, checkpointing: bool, **options) -> dict:
+    """Our names for TRL's options, translated in measure.run_trl (packing, liger, use_4bit)."""
+    return dict(batch=batch, ga=ga, gradient_checkpointing=checkpointing, **options)
+
+
+PACKED = dict(packing=True)
+COMPILED = dict(packing=True, torch_compile=True)
+NF4 = dict(use_4bit=True)
+
+# name -> (description, settings)
 SFT = {
     "ours": {
         "packed": ("packing 2 x 2048, varlen attention, no checkpointing (TRL's best setting, ours)",
-                   dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                        gradient_checkpointing=False)),
-        "packed-bs4": ("packing 4 x 2048 x GA 2, varlen, no checkpointing",
-                       dict(packing=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                            gradient_checkpointing=False)),
+                   _ours(2, 4, False, **PACKED)),
+        "packed-bs4": ("packing 4 x 2048 x GA 2, varlen, no checkpointing", _ours(4, 2, False, **PACKED)),
         "packed-liger": ("packing 2 x 2048, varlen, Liger kernels, no checkpointing",
-                         dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                              gradient_checkpointing=False, use_liger_kernel=True)),
+                         _ours(2, 4, False, **PACKED, use_liger_kernel=True)),
         "packed-compile": ("packing 2 x 2048, varlen, torch.compile of the decoder layers, no checkpointing",
-                           dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                                gradient_checkpointing=False, torch_compile=True)),
+                           _ours(2, 4, False, **COMPILED)),
         "packed-liger-compile": ("packing 2 x 2048, varlen, Liger, torch.compile of the layers, no checkpointing",
-                                 dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                                      gradient_checkpointing=False, use_liger_kernel=True, torch_compile=True)),
+                                 _ours(2, 4, False, **COMPILED, use_liger_kernel=True)),
         "packed-bs4-compile": ("packing 4 x 2048 x GA 2, varlen, torch.compile, no checkpointing",
-                               dict(packing=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                    gradient_checkpointing=False, torch_compile=True)),
+                               _ours(4, 2, False, **COMPILED)),
         "packed-ckpt-compile": ("packing 2 x 2048, varlen, torch.compile, checkpointing (lean)",
-                                dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                                     gradient_checkpointing=True, torch_compile=True)),
+                                _ours(2, 4, True, **COMPILED)),
         "packed-bs4-liger": ("packing 4 x 2048 x GA 2, varlen, Liger, no checkpointing",
-                             dict(packing=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                  gradient_checkpointing=False, use_liger_kernel=True)),
+                             _ours(4, 2, False, **PACKED, use_liger_kernel=True)),
         "packed-ckpt-liger": ("packing 2 x 2048, varlen, Liger, checkpointing (lean)",
-                              dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                                   gradient_checkpointing=True, use_liger_kernel=True)),
-        "packed-ckpt": ("packing 2 x 2048, varlen, checkpointing (lean)",
-                        dict(packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                             gradient_checkpointing=True)),
-        "padded-ckpt": ("no packing, padded 2 x GA 4, checkpointing (seed example layout)",
-                        dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing=True)),
+                              _ours(2, 4, True, **PACKED, use_liger_kernel=True)),
+        "packed-ckpt": ("packing 2 x 2048, varlen, checkpointing (lean)", _ours(2, 4, True, **PACKED)),
+        "padded-ckpt": ("no packing, padded 2 x GA 4, checkpointing (seed example layout)", _ours(2, 4, True)),
         "qlora-seed": ("QLoRA NF4, no packing, padded 2 x GA 4, checkpointing (the seed example as written)",
-                       dict(use_4bit=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                            gradient_checkpointing=True)),
+                       _ours(2, 4, True, **NF4)),
         "qlora-padfree": ("QLoRA NF4, 2 x GA 4 examples padding-free (varlen), checkpointing",
-                          dict(use_4bit=True, padding_free=True, per_device_train_batch_size=2,
-                               gradient_accumulation_steps=4, gradient_checkpointing=True)),
+                          _ours(2, 4, True, **NF4, padding_free=True)),
         "qlora-auto": ("QLoRA NF4, no packing, global batch 8 with micro-batch and checkpointing auto-fitted",
-                       dict(use_4bit=True, per_device_train_batch_size="auto", global_batch_size=8,
+                       dict(**NF4, per_device_train_batch_size="auto", global_batch_size=8,
                             gradient_checkpointing="auto")),
         "qlora-packed-compile": ("QLoRA NF4, packing 2 x 2048 x GA 4, varlen, torch.compile, checkpointing",
-                                 dict(use_4bit=True, packing=True, per_device_train_batch_size=2,
-                                      gradient_accumulation_steps=4, gradient_checkpointing=True, torch_compile=True)),
+                                 _ours(2, 4, True, **NF4, **COMPILED)),
         "qlora-packed-ckpt": ("QLoRA NF4, packing 2 x 2048 x GA 4, varlen, checkpointing",
-                              dict(use_4bit=True, packing=True, per_device_train_batch_size=2,
-                                   gradient_accumulation_steps=4, gradient_checkpointing=True)),
+                              _ours(2, 4, True, **NF4, **PACKED)),
     },
     "trl": {
         "best": ("TRL packing 2 x 2048 + Liger, no checkpointing (the best peer setting, 12,459 tok/s)",
-                 dict(packing=True, liger=True, gradient_checkpointing=False, batch=2, ga=4)),
-        "packed-ckpt-liger": ("TRL packing 2 x 2048 + Liger, checkpointing",
-                              dict(packing=True, liger=True, gradient_checkpointing=True, batch=2, ga=4)),
-        "qlora-seed": ("TRL QLoRA NF4, no packing, 2 x GA 4, checkpointing (666 tok/s)",
-                       dict(use_4bit=True, gradient_checkpointing=True, batch=2, ga=4)),
+                 _trl(2, 4, False, packing=True, liger=True)),
+        "packed-ckpt-liger": ("TRL packing 2 x 2048 + Liger, checkpointing", _trl(2, 4, True, packing=True, liger=True)),
+        "qlora-seed": ("TRL QLoRA NF4, no packing, 2 x GA 4, checkpointing (666 tok/s)", _trl(2, 4, True, **NF4)),
     },
 }
 
 DPO = {
     "ours": {
         "seed": ("bf16 LoRA, 2 pairs x GA 4, checkpointing (the peer setting; pairs packed, varlen)",
-                 dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing=True)),
-        "fast": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing (same global batch)",
-                 dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, gradient_checkpointing=False)),
+                 _ours(2, 4, True)),
+        "fast": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing (same global batch)", _ours(8, 1, False)),
         "fast-precomputed": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing, reference log-probs precomputed",
-                             dict(per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                                  gradient_checkpointing=False, precompute_ref_log_probs=True)),
-        "qlora-seed": ("QLoRA NF4, 2 pairs x GA 4, checkpointing (pairs packed, varlen)",
-                       dict(use_4bit=True, per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                            gradient_checkpointing=True)),
+                             _ours(8, 1, False, precompute_ref_log_probs=True)),
+        "qlora-seed": ("QLoRA NF4, 2 pairs x GA 4, checkpointing (pairs packed, varlen)", _ours(2, 4, True, **NF4)),
         "qlora-precomputed": ("QLoRA NF4, 4 pairs x GA 2, checkpointing, reference precomputed",
-                              dict(use_4bit=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                   gradient_checkpointing=True, precompute_ref_log_probs=True)),
+                              _ours(4, 2, True, **NF4, precompute_ref_log_probs=True)),
     },
     "trl": {
-        "seed": ("TRL bf16 LoRA, 2 pairs x GA 4, checkpointing (2.55 pairs/s)",
-                 dict(gradient_checkpointing=True, batch=2, ga=4)),
-        "qlora-seed": ("TRL QLoRA NF4, 2 pairs x GA 4, checkpointing (2.06 pairs/s)",
-                       dict(use_4bit=True, gradient_checkpointing=True, batch=2, ga=4)),
+        "seed": ("TRL bf16 LoRA, 2 pairs x GA 4, checkpointing (2.55 pairs/s)", _trl(2, 4, True)),
+        "qlora-seed": ("TRL QLoRA NF4, 2 pairs x GA 4, checkpointing (2.06 pairs/s)", _trl(2, 4, True, **NF4)),
     },
 }
 
