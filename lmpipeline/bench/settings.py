@@ -48,6 +48,12 @@ SFT = {
                                _ours(4, 2, False, **COMPILED)),
         "packed-ckpt-compile": ("packing 2 x 2048, varlen, torch.compile, checkpointing (lean)",
                                 _ours(2, 4, True, **COMPILED)),
+        "packed-bs4-liger-compile": ("packing 4 x 2048 x GA 2, varlen, torch.compile, Liger's fused loss",
+                                     _ours(4, 2, False, **COMPILED, use_liger_kernel=True)),
+        "packed-bs4-ckpt25-compile": ("packing 4 x 2048 x GA 2, varlen, torch.compile, a quarter of the layers "
+                                      "checkpointed", _ours(4, 2, True, **COMPILED, gradient_checkpointing_fraction=0.25)),
+        "packed-ckpt-liger-compile": ("packing 2 x 2048, varlen, torch.compile, Liger's fused loss, checkpointing "
+                                      "(lean)", _ours(2, 4, True, **COMPILED, use_liger_kernel=True)),
         "packed-bs4-liger": ("packing 4 x 2048 x GA 2, varlen, Liger, no checkpointing",
                              _ours(4, 2, False, **PACKED, use_liger_kernel=True)),
         "packed-ckpt-liger": ("packing 2 x 2048, varlen, Liger, checkpointing (lean)",
@@ -56,6 +62,8 @@ SFT = {
         "padded-ckpt": ("no packing, padded 2 x GA 4, checkpointing (seed example layout)", _ours(2, 4, True)),
         "qlora-seed": ("QLoRA NF4, no packing, padded 2 x GA 4, checkpointing (the seed example as written)",
                        _ours(2, 4, True, **NF4)),
+        "qlora-seed-logits": ("QLoRA NF4, padded 2 x GA 4, checkpointing, the model's own loss over full logits",
+                              _ours(2, 4, True, **NF4, chunked_loss=False)),
         "qlora-padfree": ("QLoRA NF4, 2 x GA 4 examples padding-free (varlen), checkpointing",
                           _ours(2, 4, True, **NF4, padding_free=True)),
         "qlora-auto": ("QLoRA NF4, no packing, global batch 8 with micro-batch and checkpointing auto-fitted",

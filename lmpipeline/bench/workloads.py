@@ -25,6 +25,7 @@ from lmpipeline.plan.presets import MODEL_CONFIG_DIR, resolve_architecture
 
 # bench name -> architecture config folder ("tiny": the embedded test model's shapes, for CPU runs)
 ARCHITECTURES = {
+    "llama-3.2-1b": MODEL_CONFIG_DIR / "llama-3.2-1b",  # the 200-step loss-curve comparison
     "llama-3.2-3b": MODEL_CONFIG_DIR / "llama-3.2-3b",
     "llama-3.1-8b": MODEL_CONFIG_DIR / "llama-3.1-8b",
     "qwen2.5-0.5b": MODEL_CONFIG_DIR / "qwen2.5-0.5b-instruct",

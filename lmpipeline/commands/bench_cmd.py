@@ -124,7 +124,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Run named settings of lmpipeline (--ours) and TRL (--trl) on the same random-weight model, "
                     "data and seed, one process each; write bench/results/*.json and print a table.")
     p.add_argument("kind", choices=["sft", "dpo"])
-    p.add_argument("--model", default="llama-3.2-3b", help="llama-3.2-3b (default), llama-3.1-8b, qwen2.5-0.5b")
+    p.add_argument("--model", default="llama-3.2-3b", help="llama-3.2-3b (default), llama-3.2-1b, llama-3.1-8b, qwen2.5-0.5b")
     p.add_argument("--lengths", default="alpaca", help="SFT length distribution: alpaca (default) or long")
     p.add_argument("--ours", help="comma-separated lmpipeline settings (see --list)")
     p.add_argument("--trl", help="comma-separated TRL settings (see --list)")

@@ -163,6 +163,11 @@ class TrainStageConfig(_Strict):
         False, description="Recompute activations to save memory; auto: on only when the micro-batch would "
         "not fit the GPU without it (off on CPU)."
     )
+    gradient_checkpointing_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of the decoder layers checkpointed when gradient_checkpointing is on "
+        "(evenly spread; the rest keep their activations): 0.5 saves about half of what full checkpointing saves "
+        "for half of its recomputation. gradient_checkpointing: auto picks it too."
+    )
     use_liger_kernel: bool = Field(False, description="Liger Triton kernels (GPU).")
     torch_compile: bool = Field(
         False, description="Compile each decoder layer with torch.compile (fused kernels; the first steps are "

@@ -285,14 +285,15 @@ class DPOObjective:
         lp = self.pair_logps(model, batch)
         per_pair = losses.preference_loss(self.loss_type, lp, self.params)
         chosen_r, rejected_r = losses.rewards(self.loss_type, lp, self.params)
+        # Sums as device tensors: the loop reads a step's metrics once, after its last backward.
         metrics = {
-            "loss": float(per_pair.detach().sum()),
-            "rewards/chosen": float(chosen_r.sum()),
-            "rewards/rejected": float(rejected_r.sum()),
-            "rewards/accuracies": float((chosen_r > rejected_r).sum()),
-            "rewards/margins": float((chosen_r - rejected_r).sum()),
-            "logps/chosen": float(lp.chosen.detach().sum()),
-            "logps/rejected": float(lp.rejected.detach().sum()),
+            "loss": per_pair.detach().sum(),
+            "rewards/chosen": chosen_r.detach().sum(),
+            "rewards/rejected": rejected_r.detach().sum(),
+            "rewards/accuracies": (chosen_r > rejected_r).sum(),
+            "rewards/margins": (chosen_r - rejected_r).detach().sum(),
+            "logps/chosen": lp.chosen.detach().sum(),
+            "logps/rejected": lp.rejected.detach().sum(),
             "units": self.count(batch),
         }
         return per_pair.sum() / total_units, metrics
@@ -564,7 +565,7 @@ class DPOStage:
         if dropped:
             log.info("dropout disabled in %d modules (policy and reference must be the same network)", dropped)
         if cfg.gradient_checkpointing:
-            loading.enable_gradient_checkpointing(model)
+            loading.enable_gradient_checkpointing(model, cfg.gradient_checkpointing_fraction)
         _log_trainable(model)
         # Varlen attention (GPU, or asked for) puts each micro-batch's sequences end to end in one row:
         # no padding, same log-probs. Undone after training (generation pads on the left).

@@ -40,29 +40,49 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 class TokenLogps(torch.autograd.Function):
     """log_softmax(hidden @ weight.T + bias)[target] for N selected positions, a chunk of rows at a time:
-    the [N, vocab] logits are never held whole, neither in the forward nor in the backward (which
-    recomputes each chunk; d logp / d logits = onehot(target) - softmax). Matmuls run under the
-    autocast state of the forward, log-softmax in float32. The idea of TRL's fused LM head and of
-    Liger's fused linear cross-entropy; written here because TRL is a test dependency only and its
-    head is bound to patching the model's forward."""
+    the [N, vocab] logits are never held whole, neither in the forward nor in the backward. Matmuls run
+    under the autocast state of the forward, log-softmax in float32. The idea of TRL's fused LM head and
+    of Liger's fused linear cross-entropy; written here because TRL is a test dependency only and its
+    head is bound to patching the model's forward.
+
+    Backward, two ways (d logp / d logits = onehot(target) - softmax):
+    - frozen head (LoRA, QLoRA: the usual case): each output depends on its own row of `hidden` only,
+      so d out_i / d hidden_i is one vector per row, computed in the forward from the chunk's logits
+      while they exist and kept instead of `hidden` (same size). Backward is a multiply: no second
+      pass through the vocabulary (one [N, hidden] x [hidden, vocab] matmul and a softmax saved).
+    - trained head or bias (full fine-tuning): the weight gradient needs every row's softmax against
+      the upstream gradient, which is only known in backward, so backward recomputes each chunk.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int):
         device = hidden.device.type
         ctx.autocast = torch.is_autocast_enabled(device)
         ctx.autocast_dtype = torch.get_autocast_dtype(device)
+        ctx.chunk = chunk
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        head_trained = weight.requires_grad or (bias is not None and bias.requires_grad)
+        # Rows' own gradients, when only `hidden` needs one (head frozen).
+        jacobian = torch.empty_like(hidden) if ctx.needs_input_grad[0] and not head_trained else None
         for s in range(0, hidden.shape[0], chunk):
             logits = F.linear(hidden[s:s + chunk], weight, bias).float()
             lse[s:s + chunk] = logits.logsumexp(dim=-1)
             out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-        ctx.chunk = chunk
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            if jacobian is not None:
+                jacobian[s:s + chunk] = _row_gradients(logits, lse[s:s + chunk], targets[s:s + chunk], weight)
+        if jacobian is not None:
+            ctx.save_for_backward(jacobian)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.precomputed = jacobian is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.precomputed:
+            (jacobian,) = ctx.saved_tensors
+            return (jacobian * grad_out[:, None].to(jacobian.dtype)), None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -73,8 +93,7 @@ class TokenLogps(torch.autograd.Function):
             for s in range(0, hidden.shape[0], chunk):
                 h, go = hidden[s:s + chunk], grad_out[s:s + chunk].float()
                 logits = F.linear(h, weight, bias).float()
-                g = torch.exp(logits - lse[s:s + chunk, None]).mul_(-go[:, None])
-                g[torch.arange(g.shape[0], device=g.device), targets[s:s + chunk]] += go
+                g = _logit_gradients(logits, lse[s:s + chunk], targets[s:s + chunk]).mul_(go[:, None])
                 if need_h:
                     grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
@@ -83,6 +102,19 @@ class TokenLogps(torch.autograd.Function):
                     grad_b += g.sum(dim=0)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
                 None, None)
+
+
+def _logit_gradients(logits, lse, targets):
+    """d log_softmax(logits)[target] / d logits = onehot(target) - softmax, float32, in place of `logits`."""
+    g = torch.exp_(logits.sub_(lse[:, None])).neg_()
+    g[torch.arange(g.shape[0], device=g.device), targets] += 1.0
+    return g
+
+
+def _row_gradients(logits, lse, targets, weight):
+    """d logp_i / d hidden_i for each row: (onehot - softmax) @ weight, in weight's dtype as the recomputing
+    backward produces it (its autocast matmul casts the float32 factor to weight's dtype the same way)."""
+    return _logit_gradients(logits, lse, targets).to(weight.dtype) @ weight
 
 
 def fused_head_usable(model) -> bool:

@@ -72,7 +72,8 @@ class SFTObjective:
             out = model(**inputs, labels=labels, use_cache=False,
                         num_items_in_batch=torch.tensor(total_units, device=labels.device))
             loss = out.loss
-        return loss, {"loss": float(loss.detach()) * total_units, "units": n}
+        # The loss sum stays a device tensor: the loop reads the step's metrics once, after its last backward.
+        return loss, {"loss": loss.detach() * total_units, "units": n}
 
 
 def save_final(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> None:
@@ -128,7 +129,7 @@ class SFTStage:
         if cfg.use_lora and not hasattr(model, "peft_config"):
             model = loading.apply_lora(model, cfg)
         if cfg.gradient_checkpointing:
-            loading.enable_gradient_checkpointing(model)
+            loading.enable_gradient_checkpointing(model, cfg.gradient_checkpointing_fraction)
         _log_trainable(model)
         packed = cfg.padding_free or (cfg.packing and cfg.packing_strategy in ("bfd", "ffd"))
         # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.

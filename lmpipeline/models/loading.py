@@ -174,13 +174,25 @@ def apply_lora(model, stage: TrainStageConfig):
         ) from None
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, fraction: float = 1.0) -> int:
+    """Checkpoint `fraction` of the decoder layers (all by default); returns how many are checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from lmpipeline.plan.estimate import checkpointed_layer_indices
+
     # Non-reentrant checkpointing works with frozen inputs (LoRA) without the input-grad hack.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if hasattr(model, "config"):
         model.config.use_cache = False
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = set(checkpointed_layer_indices(len(layers), fraction)) if layers else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen  # transformers checks this flag per layer, per call
+    if layers and len(chosen) < len(layers):
+        log.info("gradient checkpointing: %d of %d decoder layers (fraction %g)", len(chosen), len(layers), fraction)
+    return len(chosen)
 
 
 def apply_liger(model, *, loss_only: bool = False) -> None:

@@ -8,9 +8,10 @@ What auto means
   micro-batch that divides it and fits, and sets gradient accumulation to the rest. The training math
   is unchanged (the loop normalises the loss over the whole global batch, so micro-batch x GA equals
   one big batch); only memory and speed change.
-- `gradient_checkpointing: auto` stays off when the chosen micro-batch fits without it and is at
-  least half the micro-batch that would fit with it (recomputation costs a third more FLOPs for LoRA);
-  otherwise it is on.
+- `gradient_checkpointing: auto` weighs no checkpointing, a quarter, half and all of the layers
+  checkpointed (`gradient_checkpointing_fraction`): each with the largest micro-batch it fits, the one
+  the time estimate makes fastest wins (recomputing a layer costs a third more of its FLOPs for LoRA;
+  micro-batches under ~4,096 tokens run at lower MFU), ties going to less recomputation.
 - "Fits" means the estimated peak plus hardware.headroom_bytes (CUDA context, allocator) is within
   the device's memory (torch.cuda.get_device_properties(...).total_memory).
 - Without a CUDA GPU, auto resolves to the defaults (micro-batch 4, no checkpointing) with a message.
@@ -37,6 +38,8 @@ from lmpipeline.plan.presets import Architecture
 log = logging.getLogger(__name__)
 
 DEFAULT_MICRO_BATCH = 4  # the schema's default per_device_train_batch_size
+# gradient_checkpointing: auto weighs these shares of checkpointed layers (0: none), least recompute first.
+CHECKPOINT_OPTIONS = (0.0, 0.25, 0.5, 1.0)
 SKIP_ENV = "LMPIPELINE_SKIP_FIT_CHECK"  # =1: warn instead of stopping when the estimate says it will not fit
 
 
@@ -75,31 +78,38 @@ def resolve_auto(stage, arch: Architecture | None, device: hardware.GPU | None, 
             b = max(d for d in _divisors_desc(target) if d <= DEFAULT_MICRO_BATCH)
         ga = target // b if batch_auto else stage.gradient_accumulation_steps
         gc = False if gc_auto else stage.gradient_checkpointing
+        fraction = stage.gradient_checkpointing_fraction
         why = "no CUDA GPU (or --gpu) given" if device is None else "model architecture unknown"
         messages.append(f"{where} {why}: auto resolves to the defaults")
     else:
         budget = hardware.max_peak_for(device.memory_bytes)
         sizes = _divisors_desc(target) if batch_auto else [stage.per_device_train_batch_size]
-        options = [False, True] if gc_auto else [stage.gradient_checkpointing]
-        best: dict[bool, tuple[int, float] | None] = {}
-        for gc in options:
-            best[gc] = None
+        if gc_auto:
+            options = CHECKPOINT_OPTIONS
+        else:
+            options = [stage.gradient_checkpointing_fraction if stage.gradient_checkpointing else 0.0]
+        # fraction of layers checkpointed -> (micro-batch, estimated peak, estimated tokens/s) at its largest fit
+        best: dict[float, tuple[int, float, float]] = {}
+        for fraction in options:
             for b in sizes:
                 ga = target // b if batch_auto else stage.gradient_accumulation_steps
-                trial = stage.model_copy(update={"per_device_train_batch_size": b, "gradient_accumulation_steps": ga,
-                                                 "gradient_checkpointing": gc})
+                trial = stage.model_copy(update={
+                    "per_device_train_batch_size": b, "gradient_accumulation_steps": ga,
+                    "gradient_checkpointing": fraction > 0, "gradient_checkpointing_fraction": fraction or 1.0})
                 setup = est.setup_from_stage(trial, kind, torch_dtype=torch_dtype, impl=impl, arch=arch)
                 mem = est.estimate_memory(arch, setup, profile, est.rows_seen(trial, profile, kind) if profile else None)
                 if mem.peak <= budget:
-                    best[gc] = (b, mem.peak)
+                    speed = est.estimate_time(arch, setup, device, profile).tokens_per_second
+                    best[fraction] = (b, mem.peak, speed)
                     break
-        off, on = best.get(False), best.get(True)
-        if off and (not on or off[0] * 2 >= on[0] or len(options) == 1):
-            gc, (b, peak) = False, off
-        elif on:
-            gc, (b, peak) = True, on
+        if best:
+            # max() keeps the first of equals: options run from least to most recomputation.
+            fraction = max(best, key=lambda f: best[f][2])
+            b, peak, _ = best[fraction]
+            gc = fraction > 0
         else:
             gc = True if gc_auto else stage.gradient_checkpointing
+            fraction = 1.0 if gc_auto else stage.gradient_checkpointing_fraction
             b = 1 if batch_auto else stage.per_device_train_batch_size
             peak = None
             messages.append(f"{where} nothing fits {device.label} ({device.memory_gib:.0f} GiB), "
@@ -120,7 +130,10 @@ def resolve_auto(stage, arch: Architecture | None, device: hardware.GPU | None, 
     if gc_auto:
         update["gradient_checkpointing"] = gc
         derived["gradient_checkpointing"] = gc
-        messages.append(f"{where} gradient_checkpointing: auto -> {str(gc).lower()}")
+        if gc and fraction < 1.0:
+            update["gradient_checkpointing_fraction"] = derived["gradient_checkpointing_fraction"] = fraction
+        messages.append(f"{where} gradient_checkpointing: auto -> {str(gc).lower()}"
+                        + (f", gradient_checkpointing_fraction -> {fraction:g}" if gc and fraction < 1.0 else ""))
     resolved = stage.model_copy(update=update)
     # Which values were auto, for the probe step on the GPU (probe_sft).
     resolved._auto = {**{k: True for k in derived if k != "gradient_accumulation_steps"},
@@ -199,14 +212,16 @@ def prepare_stage(stage, kind: str, *, model: str | None, preset: str | None = N
 
 def probe_micro_batch(step: Callable[[int, bool], None], batch: int, grad_accum: int, *, target: int | None,
                       gradient_checkpointing: bool, gc_auto: bool, enable_gc: Callable[[], None] | None = None,
-                      budget_bytes: float | None = None, extra_bytes: float = 0.0) -> dict:
+                      budget_bytes: float | None = None, extra_bytes: float = 0.0, fraction: float = 1.0) -> dict:
     """Run one forward/backward at `batch` rows (step(batch, gc)), measure torch.cuda.max_memory_allocated,
-    and back off on out-of-memory: turn checkpointing on (when auto), then halve the micro-batch (raising
-    gradient accumulation to keep `target` rows per step; a fixed micro-batch is never changed).
+    and back off on out-of-memory: checkpoint every layer (when auto; `enable_gc` does it), then halve the
+    micro-batch (raising gradient accumulation to keep `target` rows per step; a fixed micro-batch is never
+    changed). `fraction`: the share of layers checkpointed now, when gradient_checkpointing is on.
 
     `extra_bytes` (the optimizer state, which does not exist yet) is added to the measured peak before
     comparing with `budget_bytes`. Returns {"per_device_train_batch_size", "gradient_accumulation_steps",
-    "gradient_checkpointing", "probe_peak_gib"}; raises UserError when even the smallest choice fails."""
+    "gradient_checkpointing", "gradient_checkpointing_fraction", "probe_peak_gib"}; raises UserError when even
+    the smallest choice fails."""
     import torch
 
     gc = gradient_checkpointing
@@ -227,13 +242,15 @@ def probe_micro_batch(step: Callable[[int, bool], None], batch: int, grad_accum:
         if not oom:
             ga = target // b if target else grad_accum
             return {"per_device_train_batch_size": b, "gradient_accumulation_steps": ga,
-                    "gradient_checkpointing": gc, "probe_peak_gib": round(peak / hardware.GIB, 3)}
+                    "gradient_checkpointing": gc, "gradient_checkpointing_fraction": fraction,
+                    "probe_peak_gib": round(peak / hardware.GIB, 3)}
         torch.cuda.empty_cache()
-        if gc_auto and not gc:
-            gc = True
+        if gc_auto and not (gc and fraction == 1.0):
+            log.info("probe: micro-batch %d ran out of memory with %s: checkpointing every layer", b,
+                     f"{fraction:g} of the layers checkpointed" if gc else "no checkpointing")
+            gc, fraction = True, 1.0
             if enable_gc is not None:
                 enable_gc()
-            log.info("probe: micro-batch %d ran out of memory without checkpointing: turning it on", b)
             continue
         if target and i + 1 < len(sizes):
             log.info("probe: micro-batch %d ran out of memory: trying %d", b, sizes[i + 1])
@@ -308,7 +325,8 @@ def probe_sft(model, cfg, data, tokenizer, objective) -> tuple[Any, dict]:
             step, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
             target=auto.get("target") if auto.get("per_device_train_batch_size") else None,
             gradient_checkpointing=bool(cfg.gradient_checkpointing), gc_auto=bool(auto.get("gradient_checkpointing")),
-            enable_gc=lambda: enable_gradient_checkpointing(model), budget_bytes=budget,
+            fraction=cfg.gradient_checkpointing_fraction, enable_gc=lambda: enable_gradient_checkpointing(model),
+            budget_bytes=budget,
             extra_bytes=trainable * per_param)
     finally:
         torch.set_rng_state(cpu_rng)

@@ -172,6 +172,7 @@ class Setup:
     packing: bool = False  # SFT bins of seq_len tokens
     padding_free: bool = False  # rows end to end without padding (SFT padding_free; DPO under varlen)
     gradient_checkpointing: bool = False
+    checkpoint_fraction: float = 1.0  # share of the layers checkpointed when gradient_checkpointing is on
     use_lora: bool = True
     lora_r: int = 16
     lora_targets: Any = "all-linear"
@@ -223,7 +224,8 @@ def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str =
     values = dict(
         kind=kind, micro_batch=batch if isinstance(batch, int) else 1, grad_accum=stage.gradient_accumulation_steps,
         seq_len=stage.max_seq_length, packing=packing, padding_free=padding_free,
-        gradient_checkpointing=gc if isinstance(gc, bool) else False, use_lora=stage.use_lora,
+        gradient_checkpointing=gc if isinstance(gc, bool) else False,
+        checkpoint_fraction=getattr(stage, "gradient_checkpointing_fraction", 1.0), use_lora=stage.use_lora,
         lora_r=stage.lora_r, lora_targets=stage.lora_target_modules, lora_dropout=stage.lora_dropout,
         use_dora=stage.use_dora, quant=quant, double_quant=stage.bnb_4bit_use_double_quant,
         weight_bytes=weight_bytes, autocast=bool(stage.bf16 or stage.fp16), optim=stage.optim,
@@ -437,6 +439,21 @@ def layer_constant_bytes(arch: Architecture, setup: Setup) -> float:
     return sum(2 * setup.lora_r * (i + o) for _, i, o, _ in adapted_modules(arch, setup.lora_targets))
 
 
+def checkpointed_layer_indices(n_layers: int, fraction: float) -> list[int]:
+    """Which of `n_layers` decoder layers to checkpoint for `fraction` of them: ceil(n x fraction) layers
+    spread evenly (which ones does not change the peak, which comes when all layers' activations are
+    held at the start of the backward; spreading them keeps the recompute evenly paced)."""
+    k = min(n_layers, max(1, math.ceil(n_layers * fraction - 1e-9)))
+    return sorted({int(i * n_layers / k) for i in range(k)})
+
+
+def checkpointed_layers(n_layers: int, setup: Setup) -> int:
+    """How many decoder layers a run of `setup` checkpoints."""
+    if not setup.gradient_checkpointing:
+        return 0
+    return len(checkpointed_layer_indices(n_layers, setup.checkpoint_fraction))
+
+
 def layer_activation_bytes(arch: Architecture, setup: Setup, ctx_len: int | None = None) -> float:
     """Saved bytes per token of one decoder layer without checkpointing (see _layer_terms)."""
     return sum(_layer_terms(arch, setup, ctx_len or setup.seq_len).values())
@@ -551,9 +568,12 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
     loss, loss_what = _loss_bytes(arch, setup, tokens, positions)
     const = layer_constant_bytes(arch, setup)
     if setup.gradient_checkpointing:
-        saved = (L * ckpt + head_in) * tokens
+        Lc = checkpointed_layers(L, setup)
+        saved = (Lc * ckpt + (L - Lc) * per_layer + head_in) * tokens + (L - Lc) * const
         layer_work = (per_layer + bwd) * tokens + const
-        act_what = f"{L} checkpointed layer inputs {_g(L * ckpt * tokens)}"
+        act_what = f"{Lc} checkpointed layer inputs {_g(Lc * ckpt * tokens)}"
+        if Lc < L:
+            act_what += f" + {L - Lc} layers kept whole {_g((L - Lc) * (per_layer * tokens + const))}"
         work_what = f" + one layer recomputed with its gradients {_g(layer_work)}"
     else:
         saved = (L * per_layer + head_in) * tokens + L * const
@@ -629,7 +649,8 @@ def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profil
                   epochs: float = 1.0, max_steps: int = -1, world: int = 1, mfu: float = DEFAULT_MFU) -> TimeEstimate:
     profile = profile or TokenProfile()
     N = arch.matmul_params
-    k = (4 if setup.use_lora else 6) + (2 if setup.gradient_checkpointing else 0)
+    recompute = checkpointed_layers(arch.num_layers, setup) / max(arch.num_layers, 1)  # share of layers run twice
+    k = (4 if setup.use_lora else 6) + 2 * recompute
     ref = 2 if setup.kind == "dpo" and setup.reference in ("adapter_disabled", "frozen_copy") else 0
     flops_per_token = (k + ref) * N
     mean = profile.mean(setup.seq_len)
@@ -691,7 +712,11 @@ def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile:
             out.append((text, est.peak, hardware.fits(est.peak, device)))
 
     if not setup.gradient_checkpointing:
-        add("gradient_checkpointing: true", gradient_checkpointing=True)
+        add("gradient_checkpointing: true, gradient_checkpointing_fraction: 0.5 (half the layers)",
+            gradient_checkpointing=True, checkpoint_fraction=0.5)
+        add("gradient_checkpointing: true", gradient_checkpointing=True, checkpoint_fraction=1.0)
+    elif setup.checkpoint_fraction < 1.0:
+        add("gradient_checkpointing_fraction: 1.0 (every layer)", checkpoint_fraction=1.0)
     if setup.kind == "sft" and setup.loss_path == "full_logits" and not setup.liger and setup.impl == "lmpipeline":
         add("chunked_loss: true (trained positions through the LM head in chunks, no full logits)", loss_path="auto")
     if setup.kind == "sft" and (setup.packing or setup.padding_free) and setup.attn == "sdpa":
@@ -713,7 +738,7 @@ def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile:
                 micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
     if setup.seq_len > 512:
         add(f"max_seq_length: {setup.seq_len // 2}", seq_len=setup.seq_len // 2)
-    combo = dict(gradient_checkpointing=True, micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
+    combo = dict(gradient_checkpointing=True, checkpoint_fraction=1.0, micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
     if setup.use_lora and setup.quant == "none":
         combo["quant"] = "4bit"
     if setup.kind == "sft" and setup.impl == "lmpipeline" and setup.loss_path == "full_logits":

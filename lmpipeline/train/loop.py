@@ -106,6 +106,16 @@ def _real_tokens(batch: dict) -> int:
     return int(batch.get("num_tokens", 0))
 
 
+def _read_step_values(sums: dict, finite: list[torch.Tensor], device) -> tuple[dict[str, float], list[bool]]:
+    """The step's metric sums and finite-loss flags as Python values, in one device-to-host copy."""
+    keys = list(sums)
+    values = [sums[k] if torch.is_tensor(sums[k]) else torch.tensor(float(sums[k])) for k in keys] + finite
+    if not values:
+        return {}, []
+    host = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values]).tolist()
+    return dict(zip(keys, host[:len(keys)])), [bool(x) for x in host[len(keys):]]
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -287,16 +297,18 @@ def train(
             step_micro = batches[pos * per_step:(pos + 1) * per_step]
             mine = step_micro[rank::world]
             hb.beat(step + 1, "data")
-            collated = [_to_device(train_plan.collate(idx), device) for idx in mine]
+            # Counted on the host before the copy: no device sync between steps for the counts.
+            on_host = [train_plan.collate(idx) for idx in mine]
+            units = torch.tensor(float(sum(objective.count(b) for b in on_host)), device=device)
+            window["tokens"] += sum(_real_tokens(b) for b in on_host)
+            collated = [_to_device(b, device) for b in on_host]
             hb.beat(step + 1, "sync: token count")
-
-            units = torch.tensor(float(sum(objective.count(b) for b in collated)), device=device)
             if world > 1:
                 units = accelerator.reduce(units, reduction="sum")
             total_units = max(float(units), 1.0)
 
-            step_sums: dict[str, float] = {}
-            nonfinite_idx: list[int] = []  # examples of the micro-batches whose loss was NaN/inf
+            step_sums: dict[str, float | torch.Tensor] = {}
+            finite: list[torch.Tensor] = []  # per micro-batch: was its loss finite (read once, after the loop)
             for i, batch in enumerate(collated):
                 sync = i == len(collated) - 1
                 if deepspeed:
@@ -308,22 +320,27 @@ def train(
                         loss, m = objective.loss(model, batch, total_units)
                     # DDP averages gradients over ranks; the loss is already normalised globally.
                     scaled = loss * world * (ga if deepspeed else 1)
-                    if not torch.isfinite(loss):
-                        if deepspeed:  # DeepSpeed steps inside backward: there is no step left to drop
+                    if deepspeed:  # DeepSpeed steps inside backward: there is no step left to drop
+                        if not torch.isfinite(loss):
                             _raise_nonfinite(output_dir, step + 1, mine[i], train_plan, rank)
-                        # Still run backward, with NaN gradients: they reach every rank through the
-                        # gradient all-reduce, so all ranks see a non-finite gradient norm below and
-                        # stop or skip the same step (no rank is left waiting in a collective).
-                        nonfinite_idx += mine[i]
-                        scaled = scaled * float("nan")
+                    else:
+                        # A non-finite loss still runs backward, with NaN gradients: they reach every rank
+                        # through the gradient all-reduce, so all ranks see a non-finite gradient norm
+                        # below and stop or skip the same step (no rank is left waiting in a collective).
+                        # A multiply rather than an `if`: reading the flag here would make the host wait
+                        # for the forward before it can queue the backward, every micro-batch.
+                        finite.append(torch.isfinite(loss.detach()))
+                        scaled = scaled * torch.where(finite[-1], 1.0, float("nan"))
                     hb.beat(step + 1, "backward", micro=i)  # the last one waits in DDP's gradient all-reduce
                     if scaler is not None:
                         scaler.scale(scaled).backward()
                     else:
                         accelerator.backward(scaled)
-                for k, v in m.items():
-                    step_sums[k] = step_sums.get(k, 0.0) + float(v)
-                window["tokens"] += _real_tokens(batch)
+                for k, v in m.items():  # device tensors stay on the device until the step ends
+                    step_sums[k] = step_sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+
+            step_sums, finite_flags = _read_step_values(step_sums, finite, device)
+            nonfinite_idx = [i for ok, idx in zip(finite_flags, mine) if not ok for i in idx]
 
             hb.beat(step + 1, "optimizer")
             if scaler is not None:

@@ -454,7 +454,7 @@ def test_precomputed_values_equal_on_the_fly_reference(world, tmp_path):
     live = obj.loss(model, batch, 10)[1]
     obj.reference = "precomputed"
     pre = obj.loss(model, batch, 10)[1]
-    assert all(pre[k] == pytest.approx(live[k], abs=1e-5) for k in live)
+    assert all(float(pre[k]) == pytest.approx(float(live[k]), abs=1e-5) for k in live)
 
 
 # ------------------------------------------------------------------------------- after SFT

@@ -123,11 +123,14 @@ def llama2_pieces():
 
 
 def mistral_pieces():
+    # The answers are tokenised after their "[/INST]": alone, a SentencePiece tokenizer that adds a dummy
+    # prefix (Mistral v0.1's under transformers 5.24) would read " 2+2" as two spaces, which the whole
+    # rendered conversation never contains.
     return [
         (f"<s>{S}\n\n[INST] {U1} [/INST]", False),
-        (f" {A1}</s>", True),
+        (f" {A1}</s>", True, "[/INST]"),
         (f"[INST] {U2} [/INST]", False, "</s>"),
-        (f" {A2}</s>", True),
+        (f" {A2}</s>", True, "[/INST]"),
     ]
 
 

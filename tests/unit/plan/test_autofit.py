@@ -55,12 +55,29 @@ def test_auto_picks_the_largest_fitting_batch_and_keeps_the_global_batch(arch, g
 
 
 def test_more_memory_never_makes_the_choice_worse(arch):
-    """With more memory checkpointing turns off, or the micro-batch grows (never the other way round)."""
-    choices = []
+    """With more memory the share of layers recomputed never grows and the estimated speed never falls."""
+    from lmpipeline.plan.estimate import checkpointed_layers, estimate_time
+
+    recomputed, speeds = [], []
     for g in (12, 16, 24, 40, 80):
         cfg = autofit.resolve_auto(stage(use_liger_kernel=True, gradient_accumulation_steps=4), arch, gpu(g))[0]
-        choices.append((not cfg.gradient_checkpointing, cfg.per_device_train_batch_size))
-    assert choices == sorted(choices) and choices[0] != choices[-1]
+        setup = setup_from_stage(cfg, "sft")
+        recomputed.append(checkpointed_layers(arch.num_layers, setup))
+        speeds.append(estimate_time(arch, setup, gpu(g)).tokens_per_second)
+    assert recomputed == sorted(recomputed, reverse=True) and recomputed[0] > recomputed[-1] == 0
+    assert speeds == sorted(speeds) and speeds[0] < speeds[-1]
+
+
+def test_partial_checkpointing_when_it_is_the_fastest_fit(arch):
+    """24 GiB: all layers checkpointed would allow a larger micro-batch, but a quarter of them already fits
+    a full 4,096-token micro-batch, which the time estimate makes faster."""
+    cfg, derived, messages = autofit.resolve_auto(stage(use_liger_kernel=True, gradient_accumulation_steps=4), arch,
+                                                  gpu(24))
+    assert cfg.gradient_checkpointing is True and 0 < cfg.gradient_checkpointing_fraction < 1
+    assert derived["gradient_checkpointing_fraction"] == cfg.gradient_checkpointing_fraction
+    assert any("gradient_checkpointing_fraction ->" in m for m in messages)
+    full = cfg.model_copy(update={"gradient_checkpointing_fraction": 1.0})
+    assert estimate_memory(arch, setup_from_stage(full, "sft")).peak < estimate_memory(arch, setup_from_stage(cfg, "sft")).peak
 
 
 def test_checkpointing_only_when_needed(arch):
@@ -136,8 +153,14 @@ def test_probe_backs_off_on_out_of_memory(monkeypatch):
                                     enable_gc=lambda: gc_on.append(True))
     assert tried == [(16, False), (16, True), (8, True), (4, True)]
     assert out == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
-                   "probe_peak_gib": 4.0}
+                   "gradient_checkpointing_fraction": 1.0, "probe_peak_gib": 4.0}
     assert gc_on == [True]
+    # auto chose a share of the layers: out of memory first checkpoints them all, then halves the batch
+    tried.clear()
+    out = autofit.probe_micro_batch(step, 16, 1, target=16, gradient_checkpointing=True, fraction=0.25, gc_auto=True,
+                                    enable_gc=lambda: gc_on.append(True))
+    assert tried == [(16, True), (16, True), (8, True), (4, True)] and len(gc_on) == 2
+    assert out["gradient_checkpointing_fraction"] == 1.0 and out["per_device_train_batch_size"] == 4
     # the budget counts the optimizer state that does not exist yet during the probe
     out = autofit.probe_micro_batch(step, 4, 4, target=16, gradient_checkpointing=True, gc_auto=False,
                                     budget_bytes=5 * 2**30, extra_bytes=2 * 2**30)
