@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def run_ours(kind: str, setting: str, model: str, model_dir: Path, lengths: str,
     desc, extra = bench_settings.lookup(kind, "ours", setting)
     common = bench_settings.SFT_COMMON if kind == "sft" else bench_settings.DPO_COMMON
     out = work / f"ours-{kind}-{setting}"
+    shutil.rmtree(out, ignore_errors=True)  # a rerun in the same work folder would append to metrics.jsonl
     base = dict(stage_name=kind, output_dir=str(out), max_steps=steps, logging_steps=1, save_strategy="no",
                 report_to="none", **common)
     if kind == "sft":

@@ -9,6 +9,7 @@ section 5), numpy default_rng(seed):
 - SFT "alpaca": 3,000 rows, lengths lognormal(median 200, sigma 0.7) clipped to 16..2048, each row
   [bos] + random ids + [eos], every token trained (the anchor trains on whole rows).
 - SFT "long": the long-context variant, lengths lognormal(median 2048, sigma 0.5) clipped to 256..8192.
+- SFT "short": 256-token rows for CPU smoke runs (tests), not a benchmark workload.
 - DPO: prompt lognormal(150, 0.7) clipped 8..512, chosen and rejected lognormal(220, 0.7) clipped
   8..512, one token per word, each completion ending in eos.
 """
@@ -34,6 +35,8 @@ ARCHITECTURES = {
 LENGTHS = {
     "alpaca": dict(median=200, sigma=0.7, lo=16, hi=2048, rows=3000, max_seq_length=2048),
     "long": dict(median=2048, sigma=0.5, lo=256, hi=8192, rows=600, max_seq_length=8192),
+    # CPU smoke runs (tests): 256-token rows, so attention over a packed row costs 64x less than at 2048.
+    "short": dict(median=48, sigma=0.5, lo=8, hi=256, rows=300, max_seq_length=256),
 }
 FIRST_WORD_ID = 5  # ids below are left to special tokens, as in the anchor
 

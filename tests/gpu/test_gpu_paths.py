@@ -19,7 +19,9 @@ def _run(tmp_path, gpu_model, quickstart_data, **overrides):
                     dataset_name_or_path=str(quickstart_data / "sft_train.jsonl"), max_samples=64,
                     max_seq_length=128, max_steps=4, per_device_train_batch_size=4, logging_steps=1,
                     learning_rate=1e-3, bf16=True, assistant_only_loss=True, **overrides)
-    result = SFTStage(cfg).execute(model_name_or_path=str(gpu_model))
+    stage = SFTStage(cfg)
+    result = stage.execute(model_name_or_path=str(gpu_model))
+    _run.model = stage.model
     lines = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert len(losses) == 4 and all(map(lambda x: x == x and x < 100, losses))
@@ -32,6 +34,11 @@ def test_qlora_4bit(tmp_path, gpu_model, quickstart_data, quant_type):
     lines = _run(tmp_path, gpu_model, quickstart_data, use_4bit=True, bnb_4bit_quant_type=quant_type,
                  gradient_checkpointing=True)
     assert lines[-1]["peak_memory_gb"] > 0
+    # No float32 copy of the frozen non-quantised weights (models/loading.prepare_kbit_model): they stay
+    # bf16, and only the LoRA weights train.
+    params = dict(_run.model.named_parameters())
+    assert all("lora_" in n for n, p in params.items() if p.requires_grad)
+    assert not [n for n, p in params.items() if p.dtype == torch.float32 and not p.requires_grad]
 
 
 def test_8bit_base(tmp_path, gpu_model, quickstart_data):

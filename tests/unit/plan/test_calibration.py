@@ -63,6 +63,23 @@ OURS_CASES = [
     ("3B bf16 LoRA, packed, varlen, checkpointing", "llama-3.2-3b", 8.03, dict(packing=True, attn="varlen"), 80),
     ("3B QLoRA NF4, padded, checkpointing", "llama-3.2-3b", 3.68, dict(quant="4bit"), 80),
     ("8B QLoRA NF4, padded, checkpointing", "llama-3.1-8b", 8.25, dict(quant="4bit"), 64),
+    # H100 2026-11-23, compiled layers (`torch_compile`)
+    ("3B bf16 LoRA, packed, compiled, no checkpointing", "llama-3.2-3b", 17.93,
+     dict(packing=True, attn="varlen", gradient_checkpointing=False, compiled=True), 96),
+    ("3B bf16 LoRA, packed 4 x 2048, compiled, no checkpointing", "llama-3.2-3b", 28.54,
+     dict(packing=True, attn="varlen", micro_batch=4, grad_accum=2, gradient_checkpointing=False, compiled=True), 96),
+    # H200 2026-12-02 (bench/results/2026-12-02-*.json), after the frozen-head loss change
+    # (the 3.68 and 8.25 above were peft's fp32 upcast at load time, which prepare_kbit_model no longer does)
+    ("3B QLoRA NF4, padded, checkpointing (H200, no fp32 upcast)", "llama-3.2-3b", 3.37, dict(quant="4bit"), 64),
+    ("3B QLoRA NF4, packed, checkpointing (H200)", "llama-3.2-3b", 3.87,
+     dict(quant="4bit", packing=True, attn="varlen"), 64),
+    ("3B bf16 LoRA, packed 4 x 2048, compiled, a quarter of the layers checkpointed (H200)", "llama-3.2-3b", 23.40,
+     dict(packing=True, attn="varlen", micro_batch=4, grad_accum=2, checkpoint_fraction=0.25, compiled=True), 80),
+    ("3B bf16 LoRA, packed 4 x 2048, compiled, Liger loss, no checkpointing (H200)", "llama-3.2-3b", 28.02,
+     dict(packing=True, attn="varlen", micro_batch=4, grad_accum=2, gradient_checkpointing=False, liger=True,
+          compiled=True), 80),
+    ("3B bf16 LoRA, packed, compiled, Liger loss, checkpointing (H200, lean)", "llama-3.2-3b", 7.62,
+     dict(packing=True, attn="varlen", liger=True, compiled=True), 80),
 ]
 
 

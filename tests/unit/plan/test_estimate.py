@@ -140,13 +140,14 @@ def test_levers_move_the_peak_the_right_way(arch3b):
     assert peak(use_lora=False, quant="none") - peak(quant="none") > 3.9 * arch3b.total_params
 
 
-def test_nf4_weights_and_kbit_upcast(arch3b):
+def test_nf4_weights_and_bf16_rest(arch3b):
     linear = arch3b.num_layers * arch3b.linear_params_per_layer
     ours = estimate_memory(arch3b, qlora_example()).parts["weights"]
     trl = estimate_memory(arch3b, qlora_example(impl="trl")).parts["weights"]
     embed = arch3b.embedding_params
     assert trl == pytest.approx(linear * (0.5 + 1 / 64 + 4 / 64 / 256) + (embed + arch3b.total_params - linear - embed) * 2)
-    assert ours - trl == pytest.approx((arch3b.total_params - linear) * 2)  # fp32 instead of bf16
+    # lmpipeline skips peft's fp32 upcast of the rest (models/loading.prepare_kbit_model)
+    assert ours == pytest.approx(trl)
     no_dq = estimate_memory(arch3b, qlora_example(double_quant=False)).parts["weights"]
     assert no_dq > ours
 
@@ -204,7 +205,7 @@ def test_suggestions_fit_a_smaller_gpu(arch3b):
 
 
 def test_qlora_is_smaller_than_bf16_lora_at_any_batch(arch3b):
-    """The frozen weights peft upcasts to fp32 for k-bit training are cast back (models/loading.apply_lora),
+    """The frozen weights stay bf16 for k-bit training (models/loading.prepare_kbit_model skips peft's upcast),
     so the residual stream stays bf16 and QLoRA saves the weights' difference whatever the batch."""
     for gc, batch in ((False, 8), (True, 2)):
         setup = qlora_example(quant="none", gradient_checkpointing=gc, micro_batch=batch)
