@@ -10,6 +10,7 @@ the top kernels and the share of time in matmuls, attention, the loss and everyt
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,13 @@ from lmpipeline.data.build import SFTData, make_batch_plans
 from lmpipeline.data.types import DataReport, TokenizedExample
 from lmpipeline.methods.sft import SFTStage
 from lmpipeline.train.loop import _to_device, autocast_for
+
+
+def count_graph_breaks() -> int:
+    """Graph breaks dynamo recorded so far: each one splits a compiled layer into more, smaller graphs."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def main():
@@ -68,6 +76,13 @@ def main():
     for b in batches[:2]:
         micro(b)
     sync()
+    # Wall time of the same micro-batches without the profiler: against the kernel time below it says
+    # whether the step waits on the GPU or on the host (Python, kernel launches).
+    started = time.perf_counter()
+    for b in batches[2:]:
+        micro(b)
+    sync()
+    wall = time.perf_counter() - started
     with torch.profiler.profile(activities=[activity]) as prof:
         for b in batches[2:]:
             micro(b)
@@ -85,7 +100,12 @@ def main():
         share[g] += timed(e)
     tokens = sum(int(b["input_ids"].numel()) for b in batches[2:])
     print(f"{a.setting}: {a.micro} micro-batches, {tokens} tokens, GPU time {total / 1e3:.1f} ms "
-          f"({tokens / (total / 1e6):,.0f} tokens/s of kernel time)")
+          f"({tokens / (total / 1e6):,.0f} tokens/s of kernel time); wall {wall * 1e3:.1f} ms "
+          f"({tokens / wall:,.0f} tokens/s), {count_graph_breaks()} graph breaks under torch.compile")
+    from torch._dynamo.utils import counters
+
+    for reason, n in counters["graph_break"].most_common(5):
+        print(f"  graph break x{n}: {reason[:200]}")
     for g, t in share.items():
         print(f"  {g:<16}{t / 1e3:9.1f} ms  {t / total:6.1%}")
     key = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -89,6 +89,7 @@ from lmpipeline.methods.logprobs import (
     LOGIT_CHUNK_ELEMENTS,
     TokenLogps,
     accepts_logits_to_keep,
+    final_hidden_states,
     fused_head_usable,
     unwrap,
 )
@@ -119,9 +120,7 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused
     """
     mask = completion_mask[:, 1:].bool()
     if fused:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                    logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, :-1][mask]
+        hidden = final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention_mask})[:, :-1][mask]
         head = unwrap(model).get_output_embeddings()
         chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
         token = TokenLogps.apply(hidden, head.weight, head.bias, input_ids[:, 1:][mask], chunk)
@@ -149,17 +148,15 @@ def packed_completion_logps(model, batch: dict, *, fused: bool = False):
     input_ids = batch["input_ids"]
     mask = batch["completion_mask"][:, 1:].bool()
     rows = batch["sequence_index"][:, 1:][mask]
-    inputs = {"input_ids": input_ids, "position_ids": batch["position_ids"], "use_cache": False,
-              **flash_attn_kwargs(batch)}
+    inputs = {"input_ids": input_ids, "position_ids": batch["position_ids"], **flash_attn_kwargs(batch)}
     targets = input_ids[:, 1:][mask]
     if fused:
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, :-1][mask]
+        hidden = final_hidden_states(model, inputs)[:, :-1][mask]
         head = unwrap(model).get_output_embeddings()
         chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
         token = TokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)
     else:
-        logits = model(**inputs).logits[:, :-1][mask]
+        logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
         token = -F.cross_entropy(logits.float(), targets, reduction="none")
     n = len(batch["cu_seq_lens"]) - 1
     logps = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, rows, token)

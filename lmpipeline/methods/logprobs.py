@@ -130,11 +130,34 @@ def fused_head_usable(model) -> bool:
     return not any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
 
 
+def _decoder(model):
+    """The model's decoder stack (the part before the LM head), or None when it cannot be told apart."""
+    inner = unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
+
+
+def final_hidden_states(model, inputs: dict) -> torch.Tensor:
+    """The hidden states the LM head reads (after the final norm), [rows, length, hidden].
+
+    With gradients off (evaluation, a DPO reference pass) the decoder stack runs alone: asking the whole
+    model for output_hidden_states keeps every layer's output alive until it returns, 29 x tokens x
+    hidden for Llama-3.2-3B, 1.35 GiB at 8 DPO pairs: what set the peak of a QLoRA precompute pass
+    (bench/README.md). With gradients on, the call goes through `model` (DDP's hooks must see it), and
+    the layer outputs are saved for the backward anyway, so holding them costs nothing extra.
+    """
+    if not torch.is_grad_enabled():
+        decoder = _decoder(model)
+        if decoder is not None:
+            return decoder(**inputs, use_cache=False).last_hidden_state
+    return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
 def hidden_token_logps(model, inputs: dict, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets) at the positions where `mask` ([rows, length-1], position t predicts t+1) is
     true, through the fused head: a 1-D tensor in the order of mask.nonzero()."""
-    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, :-1][mask]
+    hidden = final_hidden_states(model, inputs)[:, :-1][mask]
     head = unwrap(model).get_output_embeddings()
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
     return TokenLogps.apply(hidden, head.weight, head.bias, targets[mask], chunk)

@@ -80,3 +80,39 @@ def test_under_bf16_autocast_close_to_float32():
     for g in grads:
         assert (g - hidden.grad).abs().max() < 0.02 * scale
     assert (grads[0] - grads[1]).abs().max() < 0.02 * scale
+
+
+def test_final_hidden_states_without_gradients_runs_the_decoder_alone(tiny_model):
+    """No-grad passes (evaluation, the DPO reference pass) take the decoder's output instead of every
+    layer's hidden states: same values as the full model's last hidden state, with the adapter on and off,
+    and the full model is not called (so its output_hidden_states list never exists)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmpipeline.methods.logprobs import final_hidden_states
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    inputs = {"input_ids": torch.randint(0, 200, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for adapter_on in (True, False):
+            ctx = model.disable_adapter() if not adapter_on else torch.enable_grad()
+            with ctx:
+                with_grad = final_hidden_states(model, inputs)
+                with torch.no_grad():
+                    calls.clear()
+                    without = final_hidden_states(model, inputs)
+                    assert not calls, "the no-grad path must not run the whole model"
+                assert with_grad.requires_grad == adapter_on and not without.requires_grad
+                assert torch.allclose(with_grad.detach(), without, atol=1e-6)
+    finally:
+        hook.remove()
+    with torch.no_grad():  # and the adapter changes the result, so both branches above were exercised
+        on = final_hidden_states(model, inputs)
+        with model.disable_adapter():
+            off = final_hidden_states(model, inputs)
+    assert not torch.allclose(on, off)
