@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,9 @@ def save(parts: dict, train: list[TokenizedExample], eval_: list[TokenizedExampl
             arrays.update(_pack(eval_, "eval"))
         meta = dict(meta, fingerprint=key, parts=parts, train_sources=_sources(train),
                     eval_sources=_sources(eval_) if eval_ is not None else None)
-        tmp = folder / f"{key}.tmp.npz"
+        # A name of this process's own: ranks (on one node or on several sharing the disk) tokenise the
+        # same data at once, and must not write into one temporary file.
+        tmp = folder / f"{key}.tmp.{socket.gethostname()}.{os.getpid()}.npz"
         np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **arrays)
         os.replace(tmp, folder / f"{key}.npz")
     except OSError as e:  # a read-only or full disk must not stop training

@@ -23,7 +23,6 @@ Raises UserError: nothing to evaluate (no golden set and no eval data), unknown 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from lmpipeline.config.lifecycle import EvalConfig
 from lmpipeline.context import RunContext, StageResult
+from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
 from lmpipeline.evaluate import metrics as mt
@@ -84,11 +84,7 @@ def _key(cfg: EvalConfig, name: str) -> str:
 def file_fingerprint(path: str | None) -> str | None:
     if not path or not Path(path).is_file():
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(Path(path))
 
 
 # ------------------------------------------------------------------------------------- loss data

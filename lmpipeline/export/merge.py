@@ -28,7 +28,6 @@ overwrite, a quantised base on a machine without CUDA, NaN/inf after merging (sa
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from lmpipeline.config.lifecycle import MergeConfig
 from lmpipeline.context import RunContext, StageResult
+from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
 
@@ -112,13 +112,7 @@ def _training_bnb(run_stage_config: dict) -> dict:
 
 
 def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path) if path.is_file() else None
 
 
 def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",

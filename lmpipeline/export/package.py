@@ -52,6 +52,7 @@ from pathlib import Path, PurePosixPath
 
 from lmpipeline.config.lifecycle import PackageConfig
 from lmpipeline.context import RunContext, StageResult
+from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
 from lmpipeline.export.card import render_card
@@ -87,14 +88,6 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -325,7 +318,7 @@ def write_archive(archive: Path, top: str, small: dict[str, bytes], files: list[
             with open(path, "rb") as f:
                 tar.addfile(_tarinfo(f"{top}/{name}", path.stat().st_size), f)
     os.replace(tmp, archive)
-    digest = sha256_file(archive)
+    digest = file_sha256(archive)
     archive.with_name(archive.name + ".sha256").write_text(f"{digest}  {archive.name}\n")
     return digest
 
@@ -513,7 +506,7 @@ def export_gguf(content: Content, out_file: Path, *, outtype: str = "f16", conve
     if r.returncode != 0 or not out_file.is_file():
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-8:])
         raise UserError(f"convert_hf_to_gguf.py failed (exit {r.returncode}):\n{tail}", key="gguf")
-    return {"status": "written", "file": str(out_file), "sha256": sha256_file(out_file), "outtype": outtype}
+    return {"status": "written", "file": str(out_file), "sha256": file_sha256(out_file), "outtype": outtype}
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -549,7 +542,7 @@ def build_package(path: str | Path, output_dir: str | Path, config: PackageConfi
     small = {"README.md": card.encode(), "requirements.txt": requirements(meta).encode(), **content.generated}
     files = {}
     for arc, p in content.files:
-        files[arc] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+        files[arc] = {"sha256": file_sha256(p), "size": p.stat().st_size}
     for n, data in small.items():
         files[n] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     meta["files"] = dict(sorted(files.items()))

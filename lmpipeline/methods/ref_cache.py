@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def save(key: str, ref: RefLogps, meta: dict | None = None) -> Path | None:
         if ref.eval is not None:
             arrays["eval"] = np.asarray(ref.eval, dtype=np.float64)
         blob = json.dumps(meta or {}, default=str).encode()
-        tmp = folder / f"{key}.tmp.{os.getpid()}.npz"
+        tmp = folder / f"{key}.tmp.{socket.gethostname()}.{os.getpid()}.npz"  # per process: ranks write at once
         np.savez(tmp, meta=np.frombuffer(blob, dtype=np.uint8), **arrays)
         os.replace(tmp, path)
     except OSError as e:  # a read-only or full disk must not stop training
