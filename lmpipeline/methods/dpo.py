@@ -98,7 +98,7 @@ from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.models import loading
 from lmpipeline.models.speedups import TrainingSpeedups
 from lmpipeline.train.loop import autocast_for, train
-from lmpipeline.train.runtime import make_accelerator, seed_everything
+from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -607,11 +607,12 @@ class DPOStage:
 
         final_dir = out / "final"
         unwrapped = accelerator.unwrap_model(model)
+        state_dict = full_state_dict(accelerator, model)  # sharded runs: a gather every rank joins
         if accelerator.is_main_process:
             if stacked and cfg.use_lora:
-                _save_selected(unwrapped, tokenizer, final_dir, "default")
+                _save_selected(unwrapped, tokenizer, final_dir, "default", state_dict=state_dict)
             else:
-                save_final(unwrapped, tokenizer, final_dir)
+                save_final(unwrapped, tokenizer, final_dir, state_dict=state_dict)
             if start.chain and cfg.use_lora:
                 write_chain(final_dir, start, cfg.stage_name or "dpo")
         accelerator.wait_for_everyone()
@@ -671,12 +672,13 @@ def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:
     return "adapter disabled (= SFT model)" if start.chain else "adapter disabled (= starting model)"
 
 
-def _save_selected(model, tokenizer, final_dir: Path, adapter: str) -> None:
+def _save_selected(model, tokenizer, final_dir: Path, adapter: str, state_dict: dict | None = None) -> None:
     """Like sft.save_final, but only `adapter` (stacked training: the earlier adapter is in the chain)."""
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter])
+    model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter],
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     if final_dir.exists():
         shutil.rmtree(final_dir)
