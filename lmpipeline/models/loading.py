@@ -187,7 +187,12 @@ def enable_gradient_checkpointing(model, fraction: float = 1.0) -> int:
     from lmpipeline.plan.estimate import checkpointed_layer_indices
 
     # Non-reentrant checkpointing works with frozen inputs (LoRA) without the input-grad hack.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.24 renamed the method (the old name warns until v6); the GPU image's 5.17 has only the old.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if hasattr(model, "config"):
