@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: the CUDA kernels of a few micro-batches of our SFT stage,
 by total time (torch.profiler), on the bench model and data.
 
-    python3 bench/profile_step.py SETTING [--model llama-3.2-3b] [--micro 4]
+    python3 bench/profile_step.py SETTING [--model llama-3.2-3b] [--micro 4] [--cpu]
 
 SETTING is an `lmpipeline bench sft --list` name of ours. Runs the stage for 3 steps to warm up (and
 compile), then profiles `--micro` more micro-batches through the same objective and model. Prints
@@ -36,6 +36,7 @@ def main():
     p.add_argument("--model", default="llama-3.2-3b")
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--rows", type=int, default=40)
+    p.add_argument("--cpu", action="store_true", help="also record host-side ops and list them by self CPU time")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model_dir = workloads.make_model(a.model, Path(f"/tmp/lmpipeline-bench/{a.model}"))
@@ -83,12 +84,14 @@ def main():
         micro(b)
     sync()
     wall = time.perf_counter() - started
-    with torch.profiler.profile(activities=[activity]) as prof:
+    activities = [activity] + ([torch.profiler.ProfilerActivity.CPU] if a.cpu and device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
         for b in batches[2:]:
             micro(b)
         sync()
     events = prof.key_averages()
-    timed = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    # Self time: with --cpu, host ops also carry their kernels' time as (non-self) device time.
+    timed = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
     total = sum(timed(e) for e in events)
     groups = {"matmul (gemm)": ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul"), "attention": ("flash", "fmha", "attention"),
               "loss / softmax": ("cross_entropy", "log_softmax", "logsumexp", "liger"), }
@@ -110,6 +113,8 @@ def main():
         print(f"  {g:<16}{t / 1e3:9.1f} ms  {t / total:6.1%}")
     key = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(events.table(sort_by=key, row_limit=25, max_name_column_width=70))
+    if a.cpu and device.type == "cuda":  # where the host's time goes (Python-level ops included)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -84,8 +84,9 @@ INT8_BYTES = 1.0
 
 # TRL's fused LM head (trl/kernels/chunked_logprob.py): [4096 tokens x 32768 vocab] bf16 tiles.
 TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768
-# lmpipeline DPO (_TokenLogps in methods/dpo.py): chunks of 2^26 logits.
-OURS_DPO_CHUNK_ELEMENTS = 1 << 26
+# lmpipeline's chunked loss (methods/logprobs.LOGIT_CHUNK_ELEMENTS, kept equal by a test; this module
+# does not import torch): chunks of 2^25 logits.
+OURS_LOSS_CHUNK_ELEMENTS = 1 << 25
 # A layer's backward working set beyond its saved tensors (gradients of its activations in flight),
 # bytes per token: fitted to the packed 2 x 2048 checkpointing runs (7.87 GiB, 7.71 with Liger).
 BWD_TRANSIENT_HIDDEN = 4
@@ -480,7 +481,7 @@ def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -
         return 2 * rows * TRL_TILE_VOCAB + 4 * positions * H + 32 * positions, "TRL fused LM head (4096 x 32768 tiles)"
     if fused_ok and (setup.kind == "dpo" or setup.impl == "lmpipeline"):
         # methods/logprobs.TokenLogps: trained / completion positions only, in chunks (SFT: chunked_loss)
-        rows = max(1, OURS_DPO_CHUNK_ELEMENTS // V)
+        rows = max(1, OURS_LOSS_CHUNK_ELEMENTS // V)
         n = min(positions, rows)
         # per chunk: bf16 logits, their fp32 copy and the softmax gradient (+ its fp32 cast for an fp32 head)
         per = 16 if head_fp32 else 12

@@ -61,18 +61,19 @@ OURS_CASES = [
     ("3B bf16 LoRA, packed, varlen, no checkpointing", "llama-3.2-3b", 21.25,
      dict(packing=True, attn="varlen", gradient_checkpointing=False), 80),
     ("3B bf16 LoRA, packed, varlen, checkpointing", "llama-3.2-3b", 8.03, dict(packing=True, attn="varlen"), 80),
-    ("3B QLoRA NF4, padded, checkpointing", "llama-3.2-3b", 3.68, dict(quant="4bit"), 80),
-    ("8B QLoRA NF4, padded, checkpointing", "llama-3.1-8b", 8.25, dict(quant="4bit"), 64),
     # H100 2026-11-23, compiled layers (`torch_compile`)
     ("3B bf16 LoRA, packed, compiled, no checkpointing", "llama-3.2-3b", 17.93,
      dict(packing=True, attn="varlen", gradient_checkpointing=False, compiled=True), 96),
     ("3B bf16 LoRA, packed 4 x 2048, compiled, no checkpointing", "llama-3.2-3b", 28.54,
      dict(packing=True, attn="varlen", micro_batch=4, grad_accum=2, gradient_checkpointing=False, compiled=True), 96),
-    # H200 2026-12-02 (bench/results/2026-12-02-*.json), after the frozen-head loss change
-    # (the 3.68 and 8.25 above were peft's fp32 upcast at load time, which prepare_kbit_model no longer does)
-    ("3B QLoRA NF4, padded, checkpointing (H200, no fp32 upcast)", "llama-3.2-3b", 3.37, dict(quant="4bit"), 64),
-    ("3B QLoRA NF4, packed, checkpointing (H200)", "llama-3.2-3b", 3.87,
-     dict(quant="4bit", packing=True, attn="varlen"), 64),
+    # H200 2026-12-02 (bench/results/2026-12-02-*.json), after the frozen-head loss change. The H100's QLoRA
+    # peaks (3.68 GiB 3B, 8.25 8B) are gone: they measured peft's fp32 upcast at load time, which
+    # prepare_kbit_model no longer does. Neither QLoRA row of 12-02 is kept either: the loss set their peak,
+    # and its chunk has since halved (methods/logprobs.LOGIT_CHUNK_ELEMENTS 2^26 -> 2^25).
+    # H200 2026-12-03 (calls 7 and 8): QLoRA after both changes.
+    ("8B QLoRA NF4, padded, checkpointing (H200 call 7)", "llama-3.1-8b", 6.94, dict(quant="4bit"), 64),
+    ("3B QLoRA NF4, padding-free, compiled, checkpointing (H200 call 8)", "llama-3.2-3b", 2.91,
+     dict(quant="4bit", padding_free=True, attn="varlen", compiled=True), 80),
     ("3B bf16 LoRA, packed 4 x 2048, compiled, a quarter of the layers checkpointed (H200)", "llama-3.2-3b", 23.40,
      dict(packing=True, attn="varlen", micro_batch=4, grad_accum=2, checkpoint_fraction=0.25, compiled=True), 80),
     ("3B bf16 LoRA, packed 4 x 2048, compiled, Liger loss, no checkpointing (H200)", "llama-3.2-3b", 28.02,
@@ -87,6 +88,30 @@ OURS_CASES = [
 def test_our_stage_estimates_within_15_percent(name, arch, measured, changes, seen):
     est = estimate_memory(load_shipped(arch), Setup(**{**OURS, **changes}), sft_bench_profile(), rows_seen=seen)
     assert est.peak / GIB == pytest.approx(measured, rel=0.15), f"{name}: {est.peak / GIB:.2f} GiB vs {measured}"
+
+
+# lmpipeline's DPO stage, `lmpipeline bench dpo` (H200 2026-12-03, call 9): pairs packed end to end
+# (varlen), reference log-probs precomputed, QLoRA NF4; (name, measured GiB, setup changes, pairs drawn).
+OURS_DPO = dict(OURS, kind="dpo", quant="4bit", seq_len=1024, attn="varlen", padding_free=True,
+                reference="precomputed")
+OURS_DPO_CASES = [
+    ("DPO 3B QLoRA, 4 pairs x GA 2, checkpointing", 3.91, dict(micro_batch=4, grad_accum=2), 64),
+    ("DPO 3B QLoRA, 2 pairs x GA 4, checkpointing, compiled", 3.41, dict(compiled=True), 64),
+]
+
+
+@pytest.mark.parametrize("name, measured, changes, seen", OURS_DPO_CASES, ids=[c[0] for c in OURS_DPO_CASES])
+def test_our_dpo_stage_estimates_within_15_percent(name, measured, changes, seen):
+    est = estimate_memory(load_shipped("llama-3.2-3b"), Setup(**{**OURS_DPO, **changes}), dpo_bench_profile(),
+                          rows_seen=seen)
+    assert est.peak / GIB == pytest.approx(measured, rel=0.15), f"{name}: {est.peak / GIB:.2f} GiB vs {measured}"
+
+
+def test_the_estimator_counts_the_chunk_the_loss_uses():
+    from lmpipeline.methods.logprobs import LOGIT_CHUNK_ELEMENTS
+    from lmpipeline.plan.estimate import OURS_LOSS_CHUNK_ELEMENTS
+
+    assert OURS_LOSS_CHUNK_ELEMENTS == LOGIT_CHUNK_ELEMENTS
 
 
 def estimate_case(changes, data, seen):
