@@ -90,6 +90,7 @@ from lmpipeline.methods.logprobs import (
     TokenLogps,
     accepts_logits_to_keep,
     final_hidden_states,
+    forward_with_final_hidden,
     fused_head_usable,
     unwrap,
 )
@@ -178,10 +179,10 @@ def choose_logps_path(model, batch: dict) -> str:
     if fused_head_usable(model):
         row = _first_sequence(batch)
         with torch.no_grad():
-            out = model(**row, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            out, hidden = forward_with_final_hidden(model, row)
             head = unwrap(model).get_output_embeddings()
             own = out.logits[:, -1].float()
-            ours = F.linear(out.hidden_states[-1][:, -1], head.weight, head.bias).float()
+            ours = F.linear(hidden[:, -1], head.weight, head.bias).float()
         if torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(own.abs().max()))):
             log.info("log-probs: completion positions only, through the LM head in chunks (fused path)")
             return "fused"
@@ -626,10 +627,7 @@ class DPOStage:
         cfg = self.config
         if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
             model.to(accelerator.device)
-        settings = {"mode": mode, "torch_dtype": torch_dtype, "use_4bit": cfg.use_4bit, "use_8bit": cfg.use_8bit,
-                    "bnb": [cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype],
-                    "attn_implementation": cfg.attn_implementation, "packed": self.packed, "bf16": cfg.bf16,
-                    "fp16": cfg.fp16}
+        settings = reference_settings(cfg, mode, torch_dtype, packed=self.packed)
         if in_memory:  # no files name the weights: hash the reference's state_dict (LoRA weights left out)
             inner = objective.ref_model if mode == "frozen_copy" else unwrap(model)
             reference = ref_cache.reference_fingerprint(model=inner, settings=settings, skip="lora_")
@@ -658,6 +656,19 @@ class DPOStage:
                 log.info("reference log-probs cached in %s", path)
         accelerator.wait_for_everyone()
         return ref, False, key
+
+
+def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, packed: bool) -> dict:
+    """Everything besides weights and data that changes the reference log-probs, for the cache key.
+
+    The kernels count, not only the precision: a policy compiled by torch_compile (or patched by Liger)
+    rounds differently from an eager reference, and over ~300 completion tokens in bf16 that moved
+    a step-0 DPO loss from 0.6931 to 0.7164 on Llama-3.2-3B QLoRA (bench/README.md, call 9), when a
+    compiled run read the reference an eager run had cached."""
+    return {"mode": mode, "torch_dtype": torch_dtype, "use_4bit": cfg.use_4bit, "use_8bit": cfg.use_8bit,
+            "bnb": [cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype],
+            "attn_implementation": cfg.attn_implementation, "packed": packed, "bf16": cfg.bf16, "fp16": cfg.fp16,
+            "torch_compile": cfg.torch_compile, "use_liger_kernel": cfg.use_liger_kernel}
 
 
 def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:

@@ -31,8 +31,11 @@ def accepts_logits_to_keep(model) -> bool:
         return False
 
 
-# Rows of the [tokens, vocab] logits computed at once by the fused path (about 256 MiB of float32).
-LOGIT_CHUNK_ELEMENTS = 1 << 26
+# Logits computed at once by the fused path: 2^25 (261 rows of a 128k vocabulary, 128 MiB of float32;
+# with the bf16 logits and the softmax gradient about 0.4 GiB at the loss's peak). 2^26 set the peak of
+# QLoRA runs on Llama-3.2-3B (bench/README.md, call 7); a 261-row matmul still runs at full speed.
+# plan/estimate.py counts the same figure (a test ties the two).
+LOGIT_CHUNK_ELEMENTS = 1 << 25
 # Config fields of architectures whose logits are not lm_head(hidden): they take the logits path.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
                      "lm_head_multiplier")
@@ -144,14 +147,31 @@ def final_hidden_states(model, inputs: dict) -> torch.Tensor:
     With gradients off (evaluation, a DPO reference pass) the decoder stack runs alone: asking the whole
     model for output_hidden_states keeps every layer's output alive until it returns, 29 x tokens x
     hidden for Llama-3.2-3B, 1.35 GiB at 8 DPO pairs: what set the peak of a QLoRA precompute pass
-    (bench/README.md). With gradients on, the call goes through `model` (DDP's hooks must see it), and
-    the layer outputs are saved for the backward anyway, so holding them costs nothing extra.
+    (bench/README.md). With gradients on, the call goes through `model` (DDP's hooks must see it) with
+    one kept logit, and a hook on the decoder takes its output: not output_hidden_states, whose per-layer
+    hooks break compiled layers into pieces (models/compile.py sets them aside while compiled).
     """
     if not torch.is_grad_enabled():
         decoder = _decoder(model)
         if decoder is not None:
             return decoder(**inputs, use_cache=False).last_hidden_state
-    return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return forward_with_final_hidden(model, inputs)[1]
+
+
+def forward_with_final_hidden(model, inputs: dict):
+    """`model(**inputs)` with one kept logit, and the final hidden states [rows, length, hidden] taken
+    from the decoder's output by a hook (output_hidden_states as the fallback)."""
+    decoder = _decoder(model)
+    if decoder is None:
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return out, out.hidden_states[-1]
+    captured = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        out = model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return out, captured[-1]
 
 
 def hidden_token_logps(model, inputs: dict, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

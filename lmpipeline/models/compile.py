@@ -33,23 +33,69 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
     return None
 
 
+# transformers (5.x) records hidden states and attentions through forward hooks of this name on every
+# decoder layer and attention module. They read a ContextVar, which Dynamo cannot trace: each layer
+# compiled with them runs as 3 graphs (2 graph breaks), paying 3 guard checks and 3 runtime wrappers per
+# pass (bench/README.md, 2026-12-03 profile). While the layers are compiled the hooks are set aside;
+# training reads the final hidden state from the decoder's own output (methods/logprobs.py) instead.
+CAPTURE_HOOK_NAME = "output_capturing_hook"
+_SET_ASIDE = "_lmpipeline_capture_hooks"
+
+
+def _install_capture_hooks(model) -> None:
+    """transformers installs its hooks at the first forward; do it now, so they can be set aside."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # a transformers without them: nothing to set aside
+        return
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
+
+
+def _set_aside_capture_hooks(layer: torch.nn.Module) -> int:
+    kept = []
+    for module in layer.modules():
+        for hook_id, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == CAPTURE_HOOK_NAME:
+                kept.append((module, hook_id, hook))
+                del module._forward_hooks[hook_id]
+    setattr(layer, _SET_ASIDE, getattr(layer, _SET_ASIDE, []) + kept)
+    return len(kept)
+
+
+def _restore_capture_hooks(layer: torch.nn.Module) -> None:
+    for module, hook_id, hook in getattr(layer, _SET_ASIDE, []):
+        module._forward_hooks[hook_id] = hook
+    if hasattr(layer, _SET_ASIDE):
+        delattr(layer, _SET_ASIDE)
+
+
 def compile_decoder_layers(model) -> int:
     """Compile every decoder layer in place (Module.compile); returns how many were compiled."""
     layers = decoder_layers(model)
     if layers is None:
         log.warning("torch_compile: no decoder layer list found on %s; running eager", type(model).__name__)
         return 0
+    _install_capture_hooks(model)
+    set_aside = 0
     for layer in layers:
+        set_aside += _set_aside_capture_hooks(layer)
         layer.compile(dynamic=True)
-    log.info("torch_compile: %d decoder layers compiled (one graph, dynamic shapes)", len(layers))
+    log.info("torch_compile: %d decoder layers compiled (one graph, dynamic shapes%s)", len(layers),
+             f"; {set_aside} output-capturing hooks set aside" if set_aside else "")
     return len(layers)
 
 
 def uncompile_decoder_layers(model) -> None:
-    """Back to eager layers (after training: generation would recompile for its own shapes)."""
+    """Back to eager layers (after training: generation would recompile for its own shapes), with
+    transformers' output-capturing hooks back in place."""
     layers = decoder_layers(model)
     for layer in layers or []:
         layer._compiled_call_impl = None
+        _restore_capture_hooks(layer)
 
 
 def static_max_length(batch: dict, bound: int) -> dict:

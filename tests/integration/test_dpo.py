@@ -610,3 +610,15 @@ def test_dpo_stage_with_varlen_matches_sdpa(world, tmp_path):
         assert stage.packed == (attn == "varlen")
         losses[attn] = [r["loss"] for r in metrics_lines(tmp_path / attn) if "loss" in r]
     assert len(losses["varlen"]) == 4 and losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-4)
+
+
+def test_reference_cache_key_follows_the_kernels():
+    """An eager run's cached reference must not serve a compiled (or Liger-patched) run: their forwards
+    round differently, and policy != reference at step 0 would shift the whole loss curve."""
+    cfg = DPOConfig(stage_name="dpo", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl")
+    eager = dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", packed=True)
+    assert eager == dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", packed=True)
+    for change in ({"torch_compile": True}, {"use_liger_kernel": True}, {"bf16": not cfg.bf16}):
+        other = dpo_mod.reference_settings(cfg.model_copy(update=change), "adapter_disabled", "bfloat16", packed=True)
+        assert other != eager, change
+    assert dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", packed=False) != eager

@@ -60,3 +60,42 @@ def test_fp32_training_keeps_the_casts_and_varlen_is_switched_back():
         assert speed.varlen and model.get_base_model().config._attn_implementation == attention.VARLEN
         assert all(m.cast_input_dtype_enabled for m in flags)  # no autocast: the casts are needed
     assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_compiled_layers_are_one_graph_each_and_match_eager():
+    """transformers' output-capturing hooks (ContextVar.get, which Dynamo cannot trace) are set aside while
+    the layers are compiled: no graph break, so each layer is one graph instead of three. The final hidden
+    state the loss reads and its gradients equal eager's; uncompiling brings the hooks back
+    (output_hidden_states works again)."""
+    from torch._dynamo.utils import counters
+
+    from lmpipeline.methods.logprobs import final_hidden_states
+    from lmpipeline.models.compile import compile_decoder_layers, uncompile_decoder_layers
+
+    torch._dynamo.reset()
+    model = _lora_llama().float()
+    model.enable_input_require_grads()  # as under checkpointing: every layer's input needs a gradient
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def hidden_and_grads():
+        model.zero_grad()
+        hidden = final_hidden_states(model, {"input_ids": ids})
+        hidden.pow(2).mean().backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_hidden, eager_grads = hidden_and_grads()
+    counters.clear()
+    assert compile_decoder_layers(model) == 2
+    compiled_hidden, compiled_grads = hidden_and_grads()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # both layers share one graph, unbroken
+    torch.testing.assert_close(compiled_hidden, eager_hidden, rtol=1e-4, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+    uncompile_decoder_layers(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    assert len(out.hidden_states) == 3  # embeddings + 2 layers: the capturing hooks are back
+    torch.testing.assert_close(out.hidden_states[-1], eager_hidden)
