@@ -10,12 +10,13 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def chat_command(path: str, *, base_model: str | None = None, dtype: str = "auto", system: str | None = None,
                  max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9,
-                 chat_template: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+                 chat_template: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+                 allow_pickle_weights: bool = False) -> int:
     from lmpipeline.evaluate import generation as gen
     from lmpipeline.evaluate.chat import HELP, ChatSession, run_chat
 
     spec = gen.resolve_model(path, base_model)
-    model, tokenizer = gen.load_spec(spec, dtype=dtype)
+    model, tokenizer = gen.load_spec(spec, dtype=dtype, allow_pickle_weights=allow_pickle_weights)
     session = ChatSession(model, tokenizer, chat_template=chat_template, system=system,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     banner = f"chatting with {spec.label} ({'greedy' if temperature <= 0 else f'temperature {temperature}'}). {HELP}"
@@ -34,7 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model for an adapter, if not the recorded one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA", help="override the tokenizer's chat template")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
+                        "unpickling can run code")
     p.set_defaults(func=lambda a: chat_command(
         a.path, base_model=a.base_model, dtype=a.dtype, system=a.system, max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature, top_p=a.top_p, chat_template=a.chat_template))
+        temperature=a.temperature, top_p=a.top_p, chat_template=a.chat_template,
+        allow_pickle_weights=a.allow_pickle_weights))
     return p

@@ -23,7 +23,8 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 def eval_command(path: str, *, golden: str | None = None, data: str | None = None, output_dir: str | None = None,
                  max_new_tokens: int = 256, batch_size: int = 8, max_samples: int | None = None,
                  compare_base: bool = True, base_model: str | None = None, dtype: str = "auto",
-                 chat_template: str | None = None, num_print_samples: int = 3) -> int:
+                 chat_template: str | None = None, num_print_samples: int = 3,
+                 allow_pickle_weights: bool = False) -> int:
     from lmpipeline.config.lifecycle import EvalConfig
     from lmpipeline.context import RunContext, StageOutput
     from lmpipeline.evaluate import generation as gen
@@ -59,7 +60,8 @@ def eval_command(path: str, *, golden: str | None = None, data: str | None = Non
         cfg = EvalConfig(stage_name="eval", output_dir=str(out), golden_set=golden, eval_dataset=data,
                          max_new_tokens=max_new_tokens, generation_batch_size=batch_size,
                          per_device_eval_batch_size=batch_size, max_samples=max_samples, compare_base=compare_base,
-                         torch_dtype=dtype, chat_template=chat_template, num_print_samples=0)
+                         torch_dtype=dtype, chat_template=chat_template, num_print_samples=0,
+                         allow_pickle_weights=allow_pickle_weights)
     except ValidationError as e:
         raise UserError(f"invalid option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     ctx = RunContext(run_dir=Path(run_dir), base_model=base, completed=completed)
@@ -99,8 +101,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model, if not the one recorded (e.g. a local copy)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA", help="template for every model (default: the tuned model's)")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
+                        "unpickling can run code")
     p.set_defaults(func=lambda a: eval_command(
         a.path, golden=a.golden, data=a.data, output_dir=a.output_dir, max_new_tokens=a.max_new_tokens,
         batch_size=a.batch_size, max_samples=a.max_samples, compare_base=not a.no_base, base_model=a.base_model,
-        dtype=a.dtype, chat_template=a.chat_template))
+        dtype=a.dtype, chat_template=a.chat_template, allow_pickle_weights=a.allow_pickle_weights))
     return p

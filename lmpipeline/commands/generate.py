@@ -21,14 +21,14 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: int = 256, batch_size: int = 8,
                      base_model: str | None = None, dtype: str = "auto", chat_template: str | None = None,
                      system: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                     max_samples: int | None = None) -> int:
+                     max_samples: int | None = None, allow_pickle_weights: bool = False) -> int:
     from lmpipeline.evaluate import generation as gen
 
     out = Path(output)
     if out.resolve() == Path(prompts).resolve():
         raise UserError("--output would overwrite --prompts; choose another file")
     rows = gen.read_prompts(prompts, max_samples=max_samples, system_prompt=system, key="--prompts")
-    model, tokenizer = gen.load_for_inference(path, base_model, dtype)
+    model, tokenizer = gen.load_for_inference(path, base_model, dtype, allow_pickle_weights=allow_pickle_weights)
     template = gen.resolve_template(tokenizer, chat_template=chat_template)
     t0 = time.perf_counter()
     results = gen.generate_batch(model, tokenizer, [r.prompt for r in rows], chat_template=template,
@@ -66,8 +66,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model for an adapter, if not the recorded one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA", help="override the tokenizer's chat template")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
+                        "unpickling can run code")
     p.set_defaults(func=lambda a: generate_command(
         a.path, a.prompts, a.output, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
         base_model=a.base_model, dtype=a.dtype, chat_template=a.chat_template, system=a.system,
-        temperature=a.temperature, top_p=a.top_p, max_samples=a.max_samples))
+        temperature=a.temperature, top_p=a.top_p, max_samples=a.max_samples,
+        allow_pickle_weights=a.allow_pickle_weights))
     return p

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def merge_command(path: str, output: str, *, dtype: str = "auto", base_model: str | None = None,
                   max_shard_size: str = "5GB", stage: str | None = None, overwrite: bool = False,
-                  quantized_base: str = "original", device: str = "cpu") -> int:
+                  quantized_base: str = "original", device: str = "cpu", allow_pickle_weights: bool = False) -> int:
     from lmpipeline.evaluate import generation as gen
     from lmpipeline.export.merge import merge_model
 
@@ -22,7 +22,8 @@ def merge_command(path: str, output: str, *, dtype: str = "auto", base_model: st
     else:
         spec = gen.resolve_model(path, base_model)
     result = merge_model(spec, output, dtype=dtype, max_shard_size=max_shard_size, quantized_base=quantized_base,
-                         training_quant=quant, device=device, overwrite=overwrite)
+                         training_quant=quant, device=device, overwrite=overwrite,
+                         allow_pickle_weights=allow_pickle_weights)
     print(f"merged {' -> '.join(spec.stage_names)} into {spec.base} ({result.dtype}): {result.output_dir}")
     for w in result.warnings:
         print(f"warning: {w}")
@@ -44,7 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="for QLoRA adapters: merge into original weights, or the 4-bit round trip (GPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to merge (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
+                        "unpickling can run code")
     p.set_defaults(func=lambda a: merge_command(
         a.path, a.output, dtype=a.dtype, base_model=a.base_model, max_shard_size=a.max_shard_size, stage=a.stage,
-        overwrite=a.overwrite, quantized_base=a.quantized_base, device=a.device))
+        overwrite=a.overwrite, quantized_base=a.quantized_base, device=a.device,
+        allow_pickle_weights=a.allow_pickle_weights))
     return p

@@ -32,6 +32,10 @@ class _LifecycleStage(_Strict):
         None, description="Where this stage writes; the pipeline sets <output_dir>/<stage>."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model repo.")
+    allow_pickle_weights: bool = Field(
+        False, description="Load base weights from pickle files (pytorch_model.bin) when there are no "
+        ".safetensors (unpickling can run code), as the training stages' key of the same name."
+    )
 
 
 class EvalConfig(_LifecycleStage):

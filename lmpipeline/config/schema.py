@@ -368,8 +368,15 @@ class PipelineConfig(_Strict):
 
     def stage(self, name: str):
         """The typed config of stage `name` (validated by `load_config`)."""
-        cls = STAGE_CONFIG_CLASSES[STAGE_ALIASES[name]]
-        return cls(stage_name=name, **self.stage_configs.get(name, {}))
+        kind = STAGE_ALIASES[name]
+        values = dict(self.stage_configs.get(name, {}))
+        if kind not in TRAINING_KINDS and "allow_pickle_weights" not in values:
+            # Evaluation and merging load the base the training stages loaded: a pickle base a training
+            # stage was allowed to read is allowed here too, unless this stage says otherwise.
+            values["allow_pickle_weights"] = any(
+                bool(self.stage_configs.get(s, {}).get("allow_pickle_weights"))
+                for s in self.stages if STAGE_ALIASES.get(s) in TRAINING_KINDS)
+        return STAGE_CONFIG_CLASSES[kind](stage_name=name, **values)
 
 
 # Evaluation, merging and packaging stages keep their configs in their own module.

@@ -415,15 +415,21 @@ def inference_dtype(dtype: str = "auto", device: str | None = None):
     return torch.float32
 
 
-def load_base(name: str, dtype, *, trust_remote_code: bool = False, device_map=None):
+def load_base(name: str, dtype, *, trust_remote_code: bool = False, device_map=None,
+              allow_pickle_weights: bool = False):
     """Full-precision base weights (a 4-bit-trained adapter is run on unquantised weights).
 
     device_map goes to from_pretrained: None loads on the CPU; "auto" spreads a large model over the
-    visible GPUs (and CPU memory if it must) without first building it in host memory.
+    visible GPUs (and CPU memory if it must) without first building it in host memory. Pickle weights
+    only with allow_pickle_weights, as in training (models/loading.refuse_pickle_only).
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    from lmpipeline.models.loading import refuse_pickle_only
+
+    refuse_pickle_only(name, allowed=allow_pickle_weights, key="allow_pickle_weights")
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+              "use_safetensors": None if allow_pickle_weights else True}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -455,13 +461,14 @@ def load_tokenizer_for(spec: ModelSpec, *, trust_remote_code: bool = False):
 
 
 def load_spec(spec: ModelSpec, *, dtype: str = "auto", device: str | None = None, merge_last: bool = False,
-              trust_remote_code: bool = False, tokenizer=None):
+              trust_remote_code: bool = False, tokenizer=None, allow_pickle_weights: bool = False):
     """(model, tokenizer) for a ModelSpec, in eval mode on `device` (`tokenizer`: reuse one already loaded)."""
     device = inference_device(device)
     torch_dtype = inference_dtype(dtype, device)
     t0 = time.perf_counter()
     model = load_base(spec.base, torch_dtype, trust_remote_code=trust_remote_code,
-                      device_map="auto" if device.startswith("cuda") else None)
+                      device_map="auto" if device.startswith("cuda") else None,
+                      allow_pickle_weights=allow_pickle_weights)
     model = apply_adapters(model, spec.adapters, merge_last=merge_last)
     if not getattr(model, "hf_device_map", None):  # a dispatched model is already where it runs
         model.to(device)
@@ -475,10 +482,11 @@ def load_spec(spec: ModelSpec, *, dtype: str = "auto", device: str | None = None
 
 
 def load_for_inference(path: str | Path, base_model: str | None = None, dtype: str = "auto", *,
-                       device: str | None = None, merge_last: bool = False, trust_remote_code: bool = False):
+                       device: str | None = None, merge_last: bool = False, trust_remote_code: bool = False,
+                       allow_pickle_weights: bool = False):
     """(model, tokenizer) for a run folder, stage folder, adapter folder, model folder or Hub id."""
     return load_spec(resolve_model(path, base_model), dtype=dtype, device=device, merge_last=merge_last,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights)
 
 
 # --------------------------------------------------------------------------------------- prompts

@@ -249,7 +249,7 @@ class EvalStage:
         cfg = self.config
         t0 = time.perf_counter()
         model, tokenizer = gen.load_spec(c.spec, dtype=cfg.torch_dtype, trust_remote_code=cfg.trust_remote_code,
-                                         tokenizer=self._tokenizer(c))
+                                         tokenizer=self._tokenizer(c), allow_pickle_weights=cfg.allow_pickle_weights)
         row = {"name": c.label, "kind": c.kind, **{k: v for k, v in c.spec.describe().items() if k != "label"},
                "load_seconds": round(time.perf_counter() - t0, 3)}
         try:

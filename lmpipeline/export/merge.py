@@ -80,7 +80,7 @@ def target_dtype(dtype: str, base_config) -> str:
     return name if name in ("bfloat16", "float16", "float32") else "float32"
 
 
-def _load_dequantized(base: str, torch_dtype, bnb: dict | None, trust_remote_code: bool):
+def _load_dequantized(base: str, torch_dtype, bnb: dict | None, trust_remote_code: bool, allow_pickle_weights: bool):
     """A base loaded in 4-bit then dequantised: the weights a QLoRA adapter was trained against."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -93,7 +93,11 @@ def _load_dequantized(base: str, torch_dtype, bnb: dict | None, trust_remote_cod
     except ImportError:
         raise UserError("bitsandbytes is not installed", key="quantized_base",
                         hint="pip install 'lmpipeline[gpu]'") from None
-    kwargs = {"dtype": torch_dtype, "device_map": {"": torch.cuda.current_device()}, "trust_remote_code": trust_remote_code}
+    from lmpipeline.models.loading import refuse_pickle_only
+
+    refuse_pickle_only(base, allowed=allow_pickle_weights, key="allow_pickle_weights")
+    kwargs = {"dtype": torch_dtype, "device_map": {"": torch.cuda.current_device()}, "trust_remote_code": trust_remote_code,
+              "use_safetensors": None if allow_pickle_weights else True}
     if bnb is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
@@ -117,7 +121,8 @@ def _file_sha256(path: Path) -> str | None:
 
 def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
                 safe_merge: bool = True, quantized_base: str = "original", training_quant: dict | None = None,
-                device: str = "cpu", trust_remote_code: bool = False, overwrite: bool = False) -> MergeResult:
+                device: str = "cpu", trust_remote_code: bool = False, overwrite: bool = False,
+                allow_pickle_weights: bool = False) -> MergeResult:
     """Merge `spec.adapters` into `spec.base` and save the result in `output_dir` (see module docstring).
 
     `training_quant` is the 4-bit setting adapters were trained with (run.json stage config keys
@@ -141,13 +146,15 @@ def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "au
     stored_quant = getattr(config, "quantization_config", None)
     if stored_quant is not None:
         log.info("base %s is stored quantised: dequantising it to %s before merging", spec.base, dtype_name)
-        model = _load_dequantized(spec.base, torch_dtype, None, trust_remote_code)
+        model = _load_dequantized(spec.base, torch_dtype, None, trust_remote_code, allow_pickle_weights)
         warnings.append(f"the base checkpoint is stored quantised; it was dequantised to {dtype_name} before merging")
     elif quantized_base == "dequantized" and spec.quantized_training:
-        model = _load_dequantized(spec.base, torch_dtype, _training_bnb(training_quant or {}), trust_remote_code)
+        model = _load_dequantized(spec.base, torch_dtype, _training_bnb(training_quant or {}), trust_remote_code,
+                                  allow_pickle_weights)
     else:
         model = gen.load_base(spec.base, torch_dtype, trust_remote_code=trust_remote_code,
-                              device_map={"": device} if device != "cpu" else None)
+                              device_map={"": device} if device != "cpu" else None,
+                              allow_pickle_weights=allow_pickle_weights)
         if spec.quantized_training:
             warnings.append(QLORA_WARNING.format(names=", ".join(spec.stage_names)))
     for w in warnings:
@@ -249,7 +256,8 @@ class MergeStage:
             quant = next((run.stage_config(s) for s in spec.stage_names if run.stage_config(s).get("use_4bit")), {})
         result = merge_model(spec, out / "final", dtype=cfg.dtype, max_shard_size=cfg.max_shard_size,
                              safe_merge=cfg.safe_merge, quantized_base=cfg.quantized_base, training_quant=quant,
-                             device=cfg.device, trust_remote_code=cfg.trust_remote_code, overwrite=True)
+                             device=cfg.device, trust_remote_code=cfg.trust_remote_code, overwrite=True,
+                             allow_pickle_weights=cfg.allow_pickle_weights)
         return StageResult(name, out, result.output_dir, adapter=False,
                            notes={"base_model": spec.base, "merged_stages": spec.stage_names, "dtype": result.dtype,
                                   "warnings": result.warnings})

@@ -124,16 +124,25 @@ def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto")
 
 def check_safetensors(name: str, stage: TrainStageConfig) -> None:
     """A local model folder with pickle weights only is refused unless allow_pickle_weights is set."""
+    refuse_pickle_only(name, allowed=stage.allow_pickle_weights,
+                       key=f"stage_configs.{stage.stage_name}.allow_pickle_weights" if stage.stage_name
+                       else "allow_pickle_weights")
+
+
+def refuse_pickle_only(name: str, *, allowed: bool, key: str) -> None:
+    """Raise a UserError naming `key` when `name` is a local model folder whose weights are pickle files
+    only (.bin/.pt: unpickling can run code) and `allowed` is false. Training, evaluation, merging and
+    chat all load base weights through this check."""
     p = Path(name).expanduser()
-    if stage.allow_pickle_weights or not p.is_dir() or (p / "adapter_config.json").exists():
+    if allowed or not p.is_dir() or (p / "adapter_config.json").exists():
         return
     pickles = [f for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth") and f.name != "training_args.bin"]
     if pickles and not any(p.glob("*.safetensors")):
         raise UserError(
             f"`{name}` holds pickle weights only (.bin/.pt), no .safetensors; loading a pickle can run code",
-            key=f"stage_configs.{stage.stage_name}.allow_pickle_weights" if stage.stage_name else "allow_pickle_weights",
+            key=key,
             hint="convert them to safetensors (save_pretrained(..., safe_serialization=True)), or set "
-                 "allow_pickle_weights: true if you trust where the file came from",
+                 "allow_pickle_weights: true (--allow-pickle-weights) if you trust where the file came from",
         )
 
 

@@ -305,3 +305,34 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path, tiny_model, quickstart
                        allow_pickle_weights=True)
     code, out = run_cli(["run", str(cfg)], capsys)
     assert code != 0 and "Traceback" not in out and not marker.exists(), out
+
+
+def test_lifecycle_commands_refuse_pickle_weights_like_training(tmp_path, tiny_model, capsys):
+    """generate / chat / eval / merge load base weights through the same check as training: a pickle-only
+    folder is refused with the key and flag to name, and loads with --allow-pickle-weights."""
+    from safetensors.torch import load_file
+
+    model = _model_copy(tiny_model, tmp_path / "model")
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    out_file = tmp_path / "out.jsonl"
+    args = ["generate", str(model), "--prompts", str(prompts), "--output", str(out_file), "--max-new-tokens", "2"]
+    code, out = run_cli(args, capsys)
+    assert code == 2 and "allow_pickle_weights" in out and "--allow-pickle-weights" in out, out
+    assert "Traceback" not in out and not out_file.exists()
+    code, out = run_cli(args + ["--allow-pickle-weights"], capsys)
+    assert code == 0 and out_file.exists(), out
+
+
+def test_pipeline_eval_and_merge_inherit_the_training_stages_pickle_opt_in():
+    from lmpipeline.config.schema import PipelineConfig
+
+    run = PipelineConfig(stages=["sft", "eval", "merge"], stage_configs={"sft": {"allow_pickle_weights": True}})
+    assert run.stage("eval").allow_pickle_weights and run.stage("merge").allow_pickle_weights
+    run = PipelineConfig(stages=["sft", "eval"], stage_configs={"sft": {"allow_pickle_weights": True},
+                                                               "eval": {"allow_pickle_weights": False}})
+    assert not run.stage("eval").allow_pickle_weights  # the stage's own word wins
+    assert not PipelineConfig(stages=["sft", "eval"]).stage("eval").allow_pickle_weights
