@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 
 from lmpipeline.config.schema import DatasetSpec, SFTConfig, TrainStageConfig
-from lmpipeline.data import cache, formats, masking, packing, readers, templates, validate
+from lmpipeline.data import cache, masking, packing, readers, templates, validate
 from lmpipeline.data.types import (
     ChatExample,
     CompletionExample,

@@ -112,42 +112,55 @@ def _unpack(arrays, prefix: str, sources: list) -> list[TokenizedExample]:
     return out
 
 
-def _sources(examples) -> list:
-    return [[e.source.file, e.source.row, e.source.line] if e.source else None for e in examples]
+def _sources(items) -> list:
+    """Where each example (or pair) came from, as JSON: [file, row, line] or None."""
+    return [[e.source.file, e.source.row, e.source.line] if e.source else None for e in items]
 
 
-def save(parts: dict, train: list[TokenizedExample], eval_: list[TokenizedExample] | None, meta: dict) -> str:
+def save_entry(parts: dict, train: list, eval_: list | None, meta: dict, *, pack, suffix: str = "",
+               what: str = "tokenised-data") -> str:
+    """Write train/eval (packed into arrays by `pack(items, prefix)`) as <cache_dir>/<key><suffix>.npz;
+    returns the key. SFT examples and DPO pairs (data/preference.py) share this."""
     key = cache_key(parts)
     folder = cache_dir()
+    arrays = pack(train, "train")
+    if eval_ is not None:
+        arrays.update(pack(eval_, "eval"))
+    meta = dict(meta, fingerprint=key, parts=parts, train_sources=_sources(train),
+                eval_sources=_sources(eval_) if eval_ is not None else None)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = _pack(train, "train")
-        if eval_ is not None:
-            arrays.update(_pack(eval_, "eval"))
-        meta = dict(meta, fingerprint=key, parts=parts, train_sources=_sources(train),
-                    eval_sources=_sources(eval_) if eval_ is not None else None)
         # A name of this process's own: ranks (on one node or on several sharing the disk) tokenise the
         # same data at once, and must not write into one temporary file.
-        tmp = folder / f"{key}.tmp.{socket.gethostname()}.{os.getpid()}.npz"
+        tmp = folder / f"{key}{suffix}.tmp.{socket.gethostname()}.{os.getpid()}.npz"
         np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **arrays)
-        os.replace(tmp, folder / f"{key}.npz")
+        os.replace(tmp, folder / f"{key}{suffix}.npz")
     except OSError as e:  # a read-only or full disk must not stop training
-        log.warning("could not write the tokenised-data cache in %s: %s", folder, e)
+        log.warning("could not write the %s cache in %s: %s", what, folder, e)
     return key
 
 
-def load(parts: dict):
-    """(train, eval, meta) for a cached entry, or None."""
-    path = cache_dir() / f"{cache_key(parts)}.npz"
+def load_entry(parts: dict, *, unpack, suffix: str = "", what: str = "tokenised data"):
+    """(train, eval, meta) of a cached entry written by save_entry, or None (missing or unreadable)."""
+    path = cache_dir() / f"{cache_key(parts)}{suffix}.npz"
     if not path.exists():
         return None
     try:
         with np.load(path, allow_pickle=False) as arrays:
             meta = json.loads(arrays["meta"].tobytes().decode())
-            train = _unpack(arrays, "train", meta["train_sources"])
-            eval_ = _unpack(arrays, "eval", meta["eval_sources"]) if meta.get("eval_sources") is not None else None
+            train = unpack(arrays, "train", meta["train_sources"])
+            eval_ = unpack(arrays, "eval", meta["eval_sources"]) if meta.get("eval_sources") is not None else None
     except (OSError, ValueError, KeyError) as e:
         log.warning("ignoring unreadable cache entry %s: %s", path, e)
         return None
-    log.info("tokenised data read from cache %s", path.name)
+    log.info("%s read from cache %s", what, path.name)
     return train, eval_, meta
+
+
+def save(parts: dict, train: list[TokenizedExample], eval_: list[TokenizedExample] | None, meta: dict) -> str:
+    return save_entry(parts, train, eval_, meta, pack=_pack)
+
+
+def load(parts: dict):
+    """(train, eval, meta) for a cached entry of tokenised examples, or None."""
+    return load_entry(parts, unpack=_unpack)

@@ -35,9 +35,7 @@ under on_overlong: error, and any invalid row under on_invalid: error.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 
@@ -248,42 +246,12 @@ def _unpack(arrays, prefix: str, sources: list) -> list[TokenizedPair]:
             for pr, ch, rj, src in zip(parts["prompt"], parts["chosen"], parts["rejected"], sources)]
 
 
-def _sources(pairs) -> list:
-    return [[p.source.file, p.source.row, p.source.line] if p.source else None for p in pairs]
-
-
 def _save_pairs(parts: dict, train, eval_, meta: dict) -> str:
-    key = cache.cache_key(parts)
-    folder = cache.cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        arrays = _pack(train, "train")
-        if eval_ is not None:
-            arrays.update(_pack(eval_, "eval"))
-        meta = dict(meta, fingerprint=key, parts=parts, train_sources=_sources(train),
-                    eval_sources=_sources(eval_) if eval_ is not None else None)
-        tmp = folder / f"{key}.pairs.tmp.npz"
-        np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8), **arrays)
-        os.replace(tmp, folder / f"{key}.pairs.npz")
-    except OSError as e:  # a read-only or full disk must not stop training
-        log.warning("could not write the tokenised-pairs cache in %s: %s", folder, e)
-    return key
+    return cache.save_entry(parts, train, eval_, meta, pack=_pack, suffix=".pairs", what="tokenised-pairs")
 
 
 def _load_pairs(parts: dict):
-    path = cache.cache_dir() / f"{cache.cache_key(parts)}.pairs.npz"
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            meta = json.loads(arrays["meta"].tobytes().decode())
-            train = _unpack(arrays, "train", meta["train_sources"])
-            eval_ = _unpack(arrays, "eval", meta["eval_sources"]) if meta.get("eval_sources") is not None else None
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("ignoring unreadable cache entry %s: %s", path, e)
-        return None
-    log.info("tokenised pairs read from cache %s", path.name)
-    return train, eval_, meta
+    return cache.load_entry(parts, unpack=_unpack, suffix=".pairs", what="tokenised pairs")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def training_script(spec: SlurmSpec) -> str:
         launch_args += ["--set", item]
     launch_line = " ".join(_q(a) for a in launch_args)
     offline = "" if spec.online else "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1\n"
-    requeue = (f'''    echo "[lmpipeline] checkpoint saved: requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
+    requeue = ('''    echo "[lmpipeline] checkpoint saved: requeueing job $SLURM_JOB_ID (it resumes from the checkpoint)"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0''' if spec.requeue else f'''    echo "[lmpipeline] checkpoint saved: submit this script again to resume (sbatch $0)"
     exit {PREEMPTED_EXIT_CODE}''')

@@ -59,7 +59,6 @@ with full fine-tuning; `stack` without LoRA; label_smoothing with ipo or hinge.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os

@@ -9,7 +9,6 @@ a missing folder, a Hub id that cannot be reached offline, QLoRA without a GPU, 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from pathlib import Path
 

@@ -523,7 +523,7 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
                     rows_seen: int | None = None) -> MemoryEstimate:
     """Peak allocated GPU memory of one step of `setup` on `arch` (one device; DDP replicates it)."""
     profile = profile or TokenProfile()
-    L, H, I, V = arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    L, H, I = arch.num_layers, arch.hidden_size, arch.intermediate_size
     notes: list[str] = []
     details: dict[str, str] = {}
 
