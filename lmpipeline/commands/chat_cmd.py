@@ -24,6 +24,8 @@ def chat_command(path: str, *, base_model: str | None = None, dtype: str = "auto
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from lmpipeline.commands import add_allow_pickle_weights
+
     p = subparsers.add_parser("chat", help="interactive chat with a model",
                               description="Chat with a model: streamed answers, multi-turn history; "
                                           "/reset, /system TEXT, /history, /exit.")
@@ -35,9 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model for an adapter, if not the recorded one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA", help="override the tokenizer's chat template")
-    p.add_argument("--allow-pickle-weights", action="store_true",
-                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
-                        "unpickling can run code")
+    add_allow_pickle_weights(p)
     p.set_defaults(func=lambda a: chat_command(
         a.path, base_model=a.base_model, dtype=a.dtype, system=a.system, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_p=a.top_p, chat_template=a.chat_template,

@@ -86,6 +86,8 @@ def eval_command(path: str, *, golden: str | None = None, data: str | None = Non
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from lmpipeline.commands import add_allow_pickle_weights
+
     p = subparsers.add_parser(
         "eval", help="evaluate base vs tuned models: loss, perplexity, generation metrics",
         description="Compare the base model and the trained stages of PATH on the same data and prompts: "
@@ -101,9 +103,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model, if not the one recorded (e.g. a local copy)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA", help="template for every model (default: the tuned model's)")
-    p.add_argument("--allow-pickle-weights", action="store_true",
-                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
-                        "unpickling can run code")
+    add_allow_pickle_weights(p)
     p.set_defaults(func=lambda a: eval_command(
         a.path, golden=a.golden, data=a.data, output_dir=a.output_dir, max_new_tokens=a.max_new_tokens,
         batch_size=a.batch_size, max_samples=a.max_samples, compare_base=not a.no_base, base_model=a.base_model,

@@ -52,6 +52,8 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from lmpipeline.commands import add_allow_pickle_weights
+
     p = subparsers.add_parser("generate", help="batch inference over a prompts file",
                               description="Generate an answer for every prompt of a JSONL file.")
     p.add_argument("path", help="run folder, stage folder, adapter folder, package folder or model folder")
@@ -66,9 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model for an adapter, if not the recorded one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA", help="override the tokenizer's chat template")
-    p.add_argument("--allow-pickle-weights", action="store_true",
-                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
-                        "unpickling can run code")
+    add_allow_pickle_weights(p)
     p.set_defaults(func=lambda a: generate_command(
         a.path, a.prompts, a.output, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
         base_model=a.base_model, dtype=a.dtype, chat_template=a.chat_template, system=a.system,

@@ -31,6 +31,8 @@ def merge_command(path: str, output: str, *, dtype: str = "auto", base_model: st
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from lmpipeline.commands import add_allow_pickle_weights
+
     p = subparsers.add_parser("merge", help="merge LoRA adapters into the base model",
                               description="Merge the adapter chain of PATH (e.g. SFT then DPO) into the base "
                                           "and save safetensors, tokenizer and generation config.")
@@ -45,9 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="for QLoRA adapters: merge into original weights, or the 4-bit round trip (GPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to merge (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--allow-pickle-weights", action="store_true",
-                   help="load base weights from pickle files (.bin) when there are no .safetensors; "
-                        "unpickling can run code")
+    add_allow_pickle_weights(p)
     p.set_defaults(func=lambda a: merge_command(
         a.path, a.output, dtype=a.dtype, base_model=a.base_model, max_shard_size=a.max_shard_size, stage=a.stage,
         overwrite=a.overwrite, quantized_base=a.quantized_base, device=a.device,
