@@ -50,8 +50,11 @@ def _install_capture_hooks(model) -> None:
         return
     from transformers import PreTrainedModel
 
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
+    # Only on the innermost models (the decoder, not the causal-LM wrapper around it): installing from a
+    # wrapper reinstalls the decoder's hooks even when it has them, and every output would be recorded twice.
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    for module in models:
+        if not any(other is not module and isinstance(other, PreTrainedModel) for other in module.modules()):
             maybe_install_capturing_hooks(module)
 
 
