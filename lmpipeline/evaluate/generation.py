@@ -421,20 +421,21 @@ def load_base(name: str, dtype, *, trust_remote_code: bool = False, device_map=N
 
     device_map goes to from_pretrained: None loads on the CPU; "auto" spreads a large model over the
     visible GPUs (and CPU memory if it must) without first building it in host memory. Pickle weights
-    only with allow_pickle_weights, as in training (models/loading.refuse_pickle_only).
+    only with allow_pickle_weights, as in training (models/loading.pickle_policy).
     """
+    import pickle
+
     from transformers import AutoModelForCausalLM
 
-    from lmpipeline.models.loading import refuse_pickle_only
+    from lmpipeline.models.loading import pickle_policy
 
-    refuse_pickle_only(name, allowed=allow_pickle_weights, key="allow_pickle_weights")
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
-              "use_safetensors": None if allow_pickle_weights else True}
+              **pickle_policy(name, allowed=allow_pickle_weights, key="allow_pickle_weights")}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # the last: a pickle torch's weights_only refuses
         raise UserError(f"cannot load the base model `{name}`: {str(e).splitlines()[0]}",
                         hint="if it is a Hub id and this machine is offline, pass --base-model LOCAL_FOLDER") from None
 

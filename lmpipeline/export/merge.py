@@ -93,11 +93,10 @@ def _load_dequantized(base: str, torch_dtype, bnb: dict | None, trust_remote_cod
     except ImportError:
         raise UserError("bitsandbytes is not installed", key="quantized_base",
                         hint="pip install 'lmpipeline[gpu]'") from None
-    from lmpipeline.models.loading import refuse_pickle_only
+    from lmpipeline.models.loading import pickle_policy
 
-    refuse_pickle_only(base, allowed=allow_pickle_weights, key="allow_pickle_weights")
     kwargs = {"dtype": torch_dtype, "device_map": {"": torch.cuda.current_device()}, "trust_remote_code": trust_remote_code,
-              "use_safetensors": None if allow_pickle_weights else True}
+              **pickle_policy(base, allowed=allow_pickle_weights, key="allow_pickle_weights")}
     if bnb is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)

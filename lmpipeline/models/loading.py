@@ -98,13 +98,14 @@ def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto")
     from transformers import AutoModelForCausalLM
 
     check_model_reference(name)
-    check_safetensors(name, stage)
+    weights_policy = pickle_policy(name, allowed=stage.allow_pickle_weights,
+                                   key=f"stage_configs.{stage.stage_name}.allow_pickle_weights" if stage.stage_name
+                                   else "allow_pickle_weights")
     quant = quantization_config(stage)
     kwargs = dict(
         dtype=DTYPES[stage.bnb_4bit_compute_dtype] if quant is not None else training_dtype(stage, torch_dtype),
         trust_remote_code=stage.trust_remote_code,
-        # True: transformers refuses pickle files; None: safetensors first, pickle if that is all there is.
-        use_safetensors=None if stage.allow_pickle_weights else True,
+        **weights_policy,
     )
     if stage.attn_implementation and stage.attn_implementation not in ("auto", *attention.VARLEN_NAMES):
         # auto/varlen are chosen after loading (models/attention.py): the model loads with its default.
@@ -121,20 +122,15 @@ def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto")
     return model
 
 
-def check_safetensors(name: str, stage: TrainStageConfig) -> None:
-    """A local model folder with pickle weights only is refused unless allow_pickle_weights is set."""
-    refuse_pickle_only(name, allowed=stage.allow_pickle_weights,
-                       key=f"stage_configs.{stage.stage_name}.allow_pickle_weights" if stage.stage_name
-                       else "allow_pickle_weights")
-
-
-def refuse_pickle_only(name: str, *, allowed: bool, key: str) -> None:
-    """Raise a UserError naming `key` when `name` is a local model folder whose weights are pickle files
-    only (.bin/.pt: unpickling can run code) and `allowed` is false. Training, evaluation, merging and
-    chat all load base weights through this check."""
+def pickle_policy(name: str, *, allowed: bool, key: str) -> dict:
+    """The from_pretrained keyword for loading `name` under the pickle policy that training, evaluation,
+    merging and chat share. Raises a UserError naming `key` when `name` is a local model folder whose
+    weights are pickle files only (.bin/.pt: unpickling can run code) and `allowed` is false."""
+    # True: transformers refuses pickle files; None: safetensors first, pickle if that is all there is.
+    policy = {"use_safetensors": None if allowed else True}
     p = Path(name).expanduser()
     if allowed or not p.is_dir() or (p / "adapter_config.json").exists():
-        return
+        return policy
     pickles = [f for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth") and f.name != "training_args.bin"]
     if pickles and not any(p.glob("*.safetensors")):
         raise UserError(
@@ -143,6 +139,7 @@ def refuse_pickle_only(name: str, *, allowed: bool, key: str) -> None:
             hint="convert them to safetensors (save_pretrained(..., safe_serialization=True)), or set "
                  "allow_pickle_weights: true (--allow-pickle-weights) if you trust where the file came from",
         )
+    return policy
 
 
 def apply_lora(model, stage: TrainStageConfig):

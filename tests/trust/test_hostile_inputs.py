@@ -325,6 +325,11 @@ def test_lifecycle_commands_refuse_pickle_weights_like_training(tmp_path, tiny_m
     assert "Traceback" not in out and not out_file.exists()
     code, out = run_cli(args + ["--allow-pickle-weights"], capsys)
     assert code == 0 and out_file.exists(), out
+    # As in training, the opt-in still refuses a pickle that runs code, with a message, not a traceback.
+    marker = tmp_path / "unpickled"
+    torch.save({"model.embed_tokens.weight": _Evil(str(marker))}, model / "pytorch_model.bin")
+    code, out = run_cli(args + ["--allow-pickle-weights"], capsys)
+    assert code != 0 and "Traceback" not in out and not marker.exists(), out
 
 
 def test_pipeline_eval_and_merge_inherit_the_training_stages_pickle_opt_in():
