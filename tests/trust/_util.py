@@ -59,11 +59,15 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 
     from lmpipeline.cli import main
 
-    # The CLI's log handler is made once per process, on the sys.stderr of the test that came first;
-    # point it at this test's captured stderr (a closed stream would print "Logging error").
-    for handler in logging.getLogger().handlers:
+    # Log handlers are made once per process (the CLI's on the root logger, transformers' on its own), on
+    # the sys.stderr of the test that came first; point them at this test's captured stderr (a closed
+    # stream would print "Logging error").
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for handler in (h for lg in loggers for h in lg.handlers):
         if type(handler) is logging.StreamHandler:
-            handler.setStream(sys.stderr)
+            handler.stream = sys.stderr  # not setStream(), which flushes the old, maybe closed, stream
+            handler.__dict__.pop("flush", None)  # transformers binds flush to the stderr it first saw
     code = main(args)
     out = capsys.readouterr()
     return code, out.out + out.err
