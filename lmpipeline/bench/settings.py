@@ -70,6 +70,14 @@ SFT = {
                                _ours(2, 4, True, **NF4, torch_compile=True)),
         "qlora-padfree-compile": ("QLoRA NF4, 2 x GA 4 examples padding-free (varlen), checkpointing, torch.compile",
                                   _ours(2, 4, True, **NF4, padding_free=True, torch_compile=True)),
+        "qlora-tokens-compile": ("QLoRA NF4, 2 x GA 4 examples regrouped into micro-batches of at most 2,048 "
+                                 "tokens (micro_batch_tokens), padding-free, checkpointing, torch.compile",
+                                 _ours(2, 4, True, **NF4, padding_free=True, torch_compile=True,
+                                       micro_batch_tokens=2048)),
+        "qlora-tokens-auto-compile": ("QLoRA NF4, 2 x GA 4 examples regrouped into micro-batches of at most 2 x "
+                                      "2,048 tokens (micro_batch_tokens: auto), padding-free, checkpointing, "
+                                      "torch.compile", _ours(2, 4, True, **NF4, padding_free=True, torch_compile=True,
+                                                             micro_batch_tokens="auto")),
         "qlora-auto": ("QLoRA NF4, no packing, global batch 8 with micro-batch and checkpointing auto-fitted",
                        dict(**NF4, per_device_train_batch_size="auto", global_batch_size=8,
                             gradient_checkpointing="auto")),
@@ -103,6 +111,14 @@ DPO = {
         "qlora-precomputed-2x4-compile": ("QLoRA NF4, 2 pairs x GA 4, checkpointing, reference precomputed, "
                                           "torch.compile", _ours(2, 4, True, **NF4, precompute_ref_log_probs=True,
                                                                  torch_compile=True)),
+        "qlora-tokens-2048-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 "
+                                      "tokens, checkpointing, reference precomputed, torch.compile",
+                                      _ours(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
+                                            micro_batch_tokens=2048)),
+        "qlora-tokens-3072-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 3,072 "
+                                      "tokens, checkpointing, reference precomputed, torch.compile",
+                                      _ours(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
+                                            micro_batch_tokens=3072)),
     },
     "trl": {
         "seed": ("TRL bf16 LoRA, 2 pairs x GA 4, checkpointing (2.55 pairs/s)", _trl(2, 4, True)),

@@ -115,6 +115,13 @@ class TrainStageConfig(_Strict):
     )
     per_device_eval_batch_size: int = Field(8, gt=0, description="Eval batch size per device.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    micro_batch_tokens: Union[int, Literal["auto"], None] = Field(
+        None, description="Regroup each optimizer step's rows (micro-batch x GA) into as few micro-batches as "
+        "hold at most this many tokens each (padded: rows x longest; padding-free: their sum). Same rows, same "
+        "gradient (the loss is normalised over the whole step); short rows run in fewer, larger passes. auto: "
+        "per_device_train_batch_size x max_seq_length tokens (DPO: x 2, a pair is two sequences), the most a "
+        "configured micro-batch can already hold, so the peak memory is that of its worst case."
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -242,6 +249,22 @@ class TrainStageConfig(_Strict):
             return v.lower() in ("true", "yes", "on")
         raise ValueError(f"expected true, false or `auto`, got {v!r}")
 
+    @field_validator("micro_batch_tokens", mode="before")
+    @classmethod
+    def _tokens_or_auto(cls, v):
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"expected a positive number of tokens, `auto` or null, got {v!r}")
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _room_for_the_longest_row(cls, v, info):
+        longest = info.data.get("max_seq_length")  # declared above, so already validated
+        if isinstance(v, int) and longest and v < longest:
+            raise ValueError(f"micro_batch_tokens {v} is below max_seq_length {longest}: a row of "
+                             "max_seq_length tokens would not fit; raise it or use auto")
+        return v
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
@@ -284,6 +307,17 @@ class TrainStageConfig(_Strict):
     def trackers(self) -> list[str]:
         names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         return [n for n in names if n != "none"]
+
+
+def token_budget(setting: int | str | None, micro_batch: int, max_seq_length: int, rows_per_item: int = 1) -> int | None:
+    """The micro_batch_tokens budget in tokens (None: off). auto: the most a configured micro-batch can
+    already hold (micro-batch x max_seq_length x rows per item), so regrouping never needs more memory
+    than the configured setting's worst case."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        return micro_batch * max_seq_length * rows_per_item
+    return int(setting)
 
 
 class SFTConfig(TrainStageConfig):

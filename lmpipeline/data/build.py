@@ -15,7 +15,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from lmpipeline.config.schema import DatasetSpec, SFTConfig, TrainStageConfig
+from lmpipeline.config.schema import DatasetSpec, SFTConfig, TrainStageConfig, token_budget
 from lmpipeline.data import cache, masking, packing, readers, templates, validate
 from lmpipeline.data.types import (
     ChatExample,
@@ -311,7 +311,16 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
     def describe(idx: list[int]) -> list[str]:
         return [str(train[i].source) if train[i].source else f"example {i}" for i in idx]
 
-    train_plan = BatchPlan(epoch_batches, collate, describe)
+    regroup = None
+    budget = token_budget(cfg.micro_batch_tokens, bsz, cfg.max_seq_length)
+    if budget:
+        lengths = [len(e) for e in train]
+        padded = not (cfg.packing or cfg.padding_free)  # packed bins are flattened into one row anyway
+
+        def regroup(micro: list[list[int]], world: int) -> list[list[int]]:
+            return packing.regroup_by_tokens(micro, lengths, budget, padded=padded, world=world)
+
+    train_plan = BatchPlan(epoch_batches, collate, describe, regroup)
     eval_plan = None
     if data.eval:
         ev, ebsz = data.eval, cfg.per_device_eval_batch_size

@@ -35,6 +35,9 @@ Batching
     `TokenBudgetBatchSampler`: micro-batches whose padded size (longest x count) stays within a
     token budget; examples of similar length are grouped inside seeded random pools, and batch
     order is shuffled per epoch (seed + epoch).
+    `regroup_by_tokens`: one optimizer step's micro-batches regrouped into as few as hold at most a
+    token budget each (micro_batch_tokens). The step keeps its rows, so its gradient is unchanged
+    (the loop normalises the loss over the whole step); short rows run in fewer, larger passes.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ __all__ = [
     "collate_packed",
     "flash_attn_kwargs",
     "TokenBudgetBatchSampler",
+    "regroup_by_tokens",
 ]
 
 
@@ -94,6 +98,70 @@ def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         if free > 0:
             bisect.insort(free_keys, free * stride + b)
     return bins
+
+
+def regroup_by_tokens(micro_batches: Sequence[Sequence[int]], lengths: Sequence[int], budget: int, *,
+                      padded: bool, rows_per_item: int = 1, world: int = 1) -> list[list[int]]:
+    """One optimizer step's micro-batches (item indices) regrouped into as few micro-batches as hold
+    at most `budget` tokens each, as they will be collated: padded, `rows_per_item` rows per item x the
+    longest item (DPO pairs are two rows); padding-free, the sum of `lengths`. An item over the budget
+    goes alone. The count is a multiple of `world`, so every rank trains as many micro-batches (the
+    loop gives rank r groups r, r + world, ...); when that cannot be done the step is kept as it was.
+
+    Why: a host-bound step (QLoRA on short rows: ~2,000 kernel launches per micro-batch) costs about
+    the same per micro-batch whatever its size, so 8 rows of ~250 tokens run far faster as one pass of
+    2,000 tokens than as 4 passes of 500, for the same gradient. Heaviest group first: an
+    out-of-memory shows at the first micro-batch, and the allocator caches the big blocks first.
+    """
+    if budget <= 0:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    items = [i for mb in micro_batches for i in mb]
+    if len(items) < world:
+        return [list(mb) for mb in micro_batches]
+    position = {i: k for k, i in enumerate(items)}
+
+    def cost(group: Sequence[int]) -> int:
+        if padded:
+            return rows_per_item * len(group) * max(lengths[i] for i in group)
+        return sum(lengths[i] for i in group)
+
+    if padded:  # longest first, cut greedily: each group pads to its first (longest) item
+        groups: list[list[int]] = []
+        for i in sorted(items, key=lambda i: (-lengths[i], position[i])):
+            if groups and cost(groups[-1] + [i]) <= budget:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+    else:
+        fits = [i for i in items if lengths[i] <= budget]
+        groups = [[i] for i in items if lengths[i] > budget]
+        bins = [[fits[k] for k in b] for b in pack_bfd([lengths[i] for i in fits], budget)] if fits else []
+        groups += _balanced(bins, lengths, budget)
+    while len(groups) % world:
+        splittable = [g for g in groups if len(g) > 1]
+        if not splittable:
+            return [list(mb) for mb in micro_batches]
+        big = max(splittable, key=cost)
+        groups.remove(big)
+        ordered = sorted(big, key=lambda i: -lengths[i])
+        groups += [ordered[0::2], ordered[1::2]]  # alternate by length: two halves of similar cost
+    groups = [sorted(g, key=position.__getitem__) for g in groups]
+    return sorted(groups, key=lambda g: (-cost(g), position[g[0]]))
+
+
+def _balanced(bins: list[list[int]], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """The same number of groups with their token sums evened out (longest item into the lightest
+    group): best fit leaves one full group and one near-empty, and the peak memory follows the full
+    one. Kept as packed when evening out would break the budget."""
+    if len(bins) < 2:
+        return bins
+    groups: list[list[int]] = [[] for _ in bins]
+    load = [0] * len(bins)
+    for i in sorted((i for b in bins for i in b), key=lambda i: -lengths[i]):
+        g = min(range(len(groups)), key=load.__getitem__)
+        groups[g].append(i)
+        load[g] += lengths[i]
+    return groups if max(load) <= budget else bins
 
 
 def pack_examples(examples: Sequence[TokenizedExample], capacity: int) -> list[list[TokenizedExample]]:

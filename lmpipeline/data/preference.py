@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lmpipeline.config.schema import DPOConfig
+from lmpipeline.config.schema import DPOConfig, token_budget
 from lmpipeline.data import cache, masking, validate
 from lmpipeline.data.build import _key, chat_template_for, load_examples
 from lmpipeline.data.types import (
@@ -54,6 +54,7 @@ from lmpipeline.data.types import (
     TokenizedExample,
     TokenizedPair,
 )
+from lmpipeline.data.packing import regroup_by_tokens
 from lmpipeline.errors import UserError
 from lmpipeline.models.compile import static_max_length
 from lmpipeline.train.loop import BatchPlan
@@ -348,7 +349,18 @@ def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int =
     def describe(idx: list[int]) -> list[str]:
         return [str(train[i].source) if train[i].source else f"pair {i}" for i in idx]
 
-    train_plan = BatchPlan(epoch_batches, collate, describe)
+    regroup = None
+    budget = token_budget(cfg.micro_batch_tokens, bsz, cfg.max_seq_length, rows_per_item=2)
+    if budget:
+        # As collated: packed, every token of both sequences (pair_tokens); padded, two rows as wide as
+        # the pair's longer sequence.
+        lengths = [pair_tokens([p]) if packed else max(len(p.chosen_ids), len(p.rejected_ids)) + len(p.prompt_ids)
+                   for p in train]
+
+        def regroup(micro: list[list[int]], world: int) -> list[list[int]]:
+            return regroup_by_tokens(micro, lengths, budget, padded=not packed, rows_per_item=2, world=world)
+
+    train_plan = BatchPlan(epoch_batches, collate, describe, regroup)
     eval_plan = None
     if data.eval:
         ev, ebsz = data.eval, cfg.per_device_eval_batch_size

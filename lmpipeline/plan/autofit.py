@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MICRO_BATCH = 4  # the schema's default per_device_train_batch_size
 # gradient_checkpointing: auto weighs these shares of checkpointed layers (0: none), least recompute first.
 CHECKPOINT_OPTIONS = (0.0, 0.25, 0.5, 1.0)
+PROBE_STEPS = 200  # micro_batch_tokens: optimizer steps of epoch 0 regrouped to find the heaviest micro-batch
 SKIP_ENV = "LMPIPELINE_SKIP_FIT_CHECK"  # =1: warn instead of stopping when the estimate says it will not fit
 
 
@@ -276,7 +277,7 @@ def sft_probe_step(model, cfg, data, tokenizer, objective, device) -> Callable[[
     wrapped = cfg.packing and cfg.packing_strategy == "wrapped"
 
     def cost(idx: list[int]) -> int:
-        if cfg.packing:
+        if cfg.packing or cfg.padding_free:  # one row of all the tokens
             return sum(lengths[i] for i in idx)
         return len(idx) * max(lengths[i] for i in idx)
 
@@ -284,6 +285,9 @@ def sft_probe_step(model, cfg, data, tokenizer, objective, device) -> Callable[[
         trial = cfg.model_copy(update={"per_device_train_batch_size": b, "gradient_checkpointing": gc})
         plan, _ = make_batch_plans(trial, data, tokenizer)
         batches = plan.epoch_batches(0)
+        if plan.regroup is not None:  # micro_batch_tokens: the micro-batches the loop will really run
+            ga = trial.gradient_accumulation_steps
+            batches = [mb for pos in range(min(PROBE_STEPS, -(-len(batches) // ga))) for mb in plan.step_batches(0, pos, ga)]
         worst = batches[0] if wrapped else max(batches, key=cost)  # wrapped rows are all full
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in plan.collate(worst).items()}
         ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

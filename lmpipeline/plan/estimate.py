@@ -68,6 +68,7 @@ from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Any
 
+from lmpipeline.config.schema import token_budget
 from lmpipeline.plan import hardware
 from lmpipeline.plan.presets import Architecture
 
@@ -172,6 +173,7 @@ class Setup:
     seq_len: int = 2048
     packing: bool = False  # SFT bins of seq_len tokens
     padding_free: bool = False  # rows end to end without padding (SFT padding_free; DPO under varlen)
+    micro_batch_tokens: int | None = None  # a step's rows regrouped into micro-batches of at most this many tokens
     gradient_checkpointing: bool = False
     checkpoint_fraction: float = 1.0  # share of the layers checkpointed when gradient_checkpointing is on
     use_lora: bool = True
@@ -223,9 +225,12 @@ def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str =
     packing = bool(stage.packing) and kind == "sft"
     # Varlen rows carry no padding: DPO pairs always, SFT with padding_free (packing fills its bins anyway).
     padding_free = attn == "varlen" and not packing
+    micro_batch = batch if isinstance(batch, int) else 1
+    budget = token_budget(getattr(stage, "micro_batch_tokens", None), micro_batch, stage.max_seq_length,
+                          rows_per_item=2 if kind == "dpo" else 1)
     values = dict(
-        kind=kind, micro_batch=batch if isinstance(batch, int) else 1, grad_accum=stage.gradient_accumulation_steps,
-        seq_len=stage.max_seq_length, packing=packing, padding_free=padding_free,
+        kind=kind, micro_batch=micro_batch, grad_accum=stage.gradient_accumulation_steps,
+        seq_len=stage.max_seq_length, packing=packing, padding_free=padding_free, micro_batch_tokens=budget,
         gradient_checkpointing=gc if isinstance(gc, bool) else False,
         checkpoint_fraction=getattr(stage, "gradient_checkpointing_fraction", 1.0), use_lora=stage.use_lora,
         lora_r=stage.lora_r, lora_targets=stage.lora_target_modules, lora_dropout=stage.lora_dropout,
@@ -561,6 +566,15 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
     tokens = rows * row_len
     if setup.padding_free:  # no padding: the largest micro-batch is the largest sum of real lengths
         tokens = profile.largest_sum(rows, max(1, seen // rows), setup.seq_len)
+    if setup.micro_batch_tokens:  # the step's rows regrouped: micro-batches fill up to the budget
+        step_rows = rows * setup.grad_accum
+        if setup.packing:
+            step_tokens = step_rows * setup.seq_len
+        elif setup.padding_free:
+            step_tokens = profile.largest_sum(step_rows, max(1, seen // step_rows), setup.seq_len)
+        else:
+            step_tokens = step_rows * row_len
+        tokens = min(setup.micro_batch_tokens, step_tokens)
     # transformers flattens our packed micro-batch into one [1, rows x len] row with a block mask.
     ctx = tokens if (setup.packing or setup.padding_free) else row_len
     flow = _flow(setup)
@@ -662,6 +676,8 @@ def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profil
     rows_per_step = setup.rows * setup.grad_accum * world
     inflation = 1.0 if setup.packing else profile.padding_inflation(setup.rows, setup.seq_len)
     micro_tokens = setup.micro_batch * setup.seq_len if setup.packing else setup.rows * mean * inflation
+    if setup.micro_batch_tokens:  # regrouped: as many rows of the step as the budget holds
+        micro_tokens = min(setup.micro_batch_tokens, micro_tokens * setup.grad_accum)
     eff = mfu * QUANT_SPEED.get(setup.quant, 1.0) * min(1.0, micro_tokens / FULL_MFU_TOKENS)
     eff = max(eff, MIN_MFU * QUANT_SPEED.get(setup.quant, 1.0))
     computed_per_s = eff * device.matmul_tflops * 1e12 / flops_per_token

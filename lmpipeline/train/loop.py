@@ -1,7 +1,8 @@
 """The training loop shared by every method. It reads top to bottom:
 
     for each optimizer step:
-        take the next gradient_accumulation_steps micro-batches of this epoch (this rank's share)
+        take the next gradient_accumulation_steps micro-batches of this epoch (this rank's share;
+            with micro_batch_tokens the step's rows are first regrouped into fewer, token-bounded ones)
         count the units the loss is normalised by over the WHOLE global batch (all ranks, all micro-batches)
         forward + backward each micro-batch, its loss already divided by that global count
         clip, step, schedule; log, evaluate, checkpoint at the configured steps
@@ -79,6 +80,13 @@ class BatchPlan:
     epoch_batches: Callable[[int], list[list[int]]]
     collate: Callable[[list[int]], dict]
     describe: Callable[[list[int]], list[str]] = lambda idx: [str(i) for i in idx]
+    # micro_batch_tokens: (a step's micro-batches, world) -> the same rows in fewer, token-bounded ones
+    regroup: Callable[[list[list[int]], int], list[list[int]]] | None = None
+
+    def step_batches(self, epoch: int, pos: int, per_step: int, world: int = 1) -> list[list[int]]:
+        """The micro-batches of optimizer step `pos` of `epoch` (all ranks; rank r trains r, r + world, ...)."""
+        micro = self.epoch_batches(epoch)[pos * per_step:(pos + 1) * per_step]
+        return self.regroup(micro, world) if self.regroup is not None else micro
 
 
 @dataclass
@@ -246,6 +254,10 @@ def train(
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / per_step))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
+    if train_plan.regroup is not None and is_main:
+        sample = [len(train_plan.step_batches(0, pos, per_step, world)) for pos in range(min(steps_per_epoch, 50))]
+        log.info("micro_batch_tokens: each step's %d micro-batches run as %.2f on average (%d-%d, first %d steps)",
+                 per_step, sum(sample) / len(sample), min(sample), max(sample), len(sample))
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -293,14 +305,13 @@ def train(
         while state["global_step"] < total_steps:
             step = state["global_step"]
             epoch, pos = divmod(step, steps_per_epoch)
-            batches = train_plan.epoch_batches(epoch)
-            step_micro = batches[pos * per_step:(pos + 1) * per_step]
-            mine = step_micro[rank::world]
+            mine = train_plan.step_batches(epoch, pos, per_step, world)[rank::world]
             hb.beat(step + 1, "data")
             # Counted on the host before the copy: no device sync between steps for the counts.
             on_host = [train_plan.collate(idx) for idx in mine]
             units = torch.tensor(float(sum(objective.count(b) for b in on_host)), device=device)
             window["tokens"] += sum(_real_tokens(b) for b in on_host)
+            window["micro"] = window.get("micro", 0) + len(mine)
             collated = [_to_device(b, device) for b in on_host]
             hb.beat(step + 1, "sync: token count")
             if world > 1:
@@ -418,6 +429,8 @@ def train(
                     "tokens_per_second": window["tokens"] * world / elapsed,
                     "peak_memory_gb": round(_peak_memory_gb(device), 3),
                 })
+                if train_plan.regroup is not None:  # this rank's forward passes per step, after regrouping
+                    rec["micro_batches_per_step"] = window["micro"] / max(window["steps"], 1)
                 metrics.write(rec)
                 if is_main:
                     log.info("step %d/%d %s", step, total_steps, _fmt(rec, skip=("step",)))

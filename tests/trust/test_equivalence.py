@@ -2,6 +2,8 @@
 
 - micro-batch 8 x GA 1 == micro-batch 2 x GA 4 (per-step losses, rtol 1e-5): the loss is normalised
   by the trained-token count of the whole optimizer step, not averaged per micro-batch;
+- a step's rows regrouped by micro_batch_tokens == the same rows as configured (SFT padding-free and
+  DPO padded): fewer, larger micro-batches, the same optimizer steps;
 - packed == unpacked (per-step losses, rtol 1e-5) on a batch that holds the same examples either way:
   padding-free packing keeps documents apart (position ids restart, no cross-document attention);
 - short SFT (LoRA and full) and DPO runs follow the committed reference curves in
@@ -30,10 +32,23 @@ TOLERANCES = {"sft": (0.02, 0.01), "dpo": (0.005, 0.0025)}
 
 
 def _run(tmp_path, capsys, model, data, **stage) -> dict[int, float]:
-    cfg = write_config(tmp_path, model, data, **stage)
+    return _run_logged(tmp_path, capsys, model, data, **stage)[0]
+
+
+def _run_logged(tmp_path, capsys, model, data, stage_kind="sft", **stage) -> tuple[dict[int, float], str]:
+    """(per-step losses, the run's output)."""
+    if stage_kind == "sft":
+        cfg = write_config(tmp_path, model, data, **stage)
+    else:
+        cfg = write_config(tmp_path, model, data, stages=(stage_kind,), extra_stage_configs={stage_kind: stage})
     code, out = run_cli(["run", str(cfg)], capsys)
     assert code == 0, out
-    return step_losses(tmp_path / "run")
+    return step_losses(tmp_path / "run", stage_kind), out
+
+
+def _micro_batches(folder: Path, stage: str = "sft") -> list[float]:
+    lines = (folder / "run" / stage / "metrics.jsonl").read_text().splitlines()
+    return [r["micro_batches_per_step"] for r in map(json.loads, lines) if "micro_batches_per_step" in r]
 
 
 def _assert_close(a: dict, b: dict, rel: float):
@@ -51,6 +66,29 @@ def test_micro_batch_times_accumulation_equals_one_big_batch(tmp_path, tiny_mode
                        gradient_accumulation_steps=4, **common)
     assert len(big) == 5
     _assert_close(accumulated, big, rel=1e-5)
+
+
+def test_token_budget_regrouping_keeps_the_steps(tmp_path, tiny_model, quickstart_data, capsys):
+    data = quickstart_data / "sft_train.jsonl"
+    common = dict(max_steps=4, max_samples=40, lora_dropout=0.0, learning_rate=2e-3, padding_free=True,
+                  per_device_train_batch_size=1, gradient_accumulation_steps=8)
+    as_configured = _run(tmp_path / "1x8", capsys, tiny_model, data, **common)
+    regrouped, _ = _run_logged(tmp_path / "tokens", capsys, tiny_model, data, micro_batch_tokens=256, **common)
+    assert 1 <= max(_micro_batches(tmp_path / "tokens")) < 4  # of the 8 configured
+    assert len(regrouped) == 4
+    _assert_close(regrouped, as_configured, rel=1e-5)
+
+
+def test_token_budget_regrouping_keeps_dpo_steps(tmp_path, tiny_model, quickstart_data, capsys):
+    data = quickstart_data / "dpo_train.jsonl"
+    stage = dict(dataset_name_or_path=str(data), max_samples=32, max_seq_length=128, max_steps=3,
+                 per_device_train_batch_size=1, gradient_accumulation_steps=4, learning_rate=5e-3,
+                 logging_steps=1, save_strategy="no", lora_dropout=0.0, seed=7)
+    as_configured, _ = _run_logged(tmp_path / "1x4", capsys, tiny_model, data, "dpo", **stage)
+    regrouped, _ = _run_logged(tmp_path / "tokens", capsys, tiny_model, data, "dpo", micro_batch_tokens=512, **stage)
+    assert 1 <= max(_micro_batches(tmp_path / "tokens", "dpo")) < 4  # of the 4 configured
+    assert len(regrouped) == 3
+    _assert_close(regrouped, as_configured, rel=1e-4)
 
 
 def test_packed_equals_unpacked(tmp_path, tiny_model, quickstart_data, capsys):

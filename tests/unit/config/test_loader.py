@@ -135,3 +135,23 @@ def test_parse_override_values():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_micro_batch_tokens_checked_against_the_longest_row(tmp_path):
+    p = write(tmp_path, """\
+        model_name_or_path: m
+        stages: [sft]
+        stage_configs:
+          sft:
+            dataset_name_or_path: d.jsonl
+            max_seq_length: 1024
+            micro_batch_tokens: 512
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:7: stage_configs.sft.micro_batch_tokens: micro_batch_tokens 512 is below max_seq_length 1024" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["stage_configs.sft.micro_batch_tokens=lots"])
+    assert "stage_configs.sft.micro_batch_tokens: expected a positive number of tokens" in str(e.value)
+    cfg = load_config(p, ["stage_configs.sft.micro_batch_tokens=auto"])
+    assert cfg.stage("sft").micro_batch_tokens == "auto"

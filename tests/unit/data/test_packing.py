@@ -16,6 +16,7 @@ from lmpipeline.data.packing import (
     pack_bfd,
     pack_examples,
     pack_wrapped,
+    regroup_by_tokens,
 )
 from lmpipeline.data.types import IGNORE_INDEX, TokenizedExample
 
@@ -198,3 +199,50 @@ def test_packed_gradients_equal_padded_gradients():
                                use_cache=False).logits, packed["labels"]))
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+STEP = [[0, 1], [2, 3], [4, 5], [6, 7]]  # one optimizer step: micro-batch 2 x GA 4
+LENGTHS = [300, 250, 120, 900, 400, 80, 200, 260]  # 2,510 tokens
+
+
+def _same_items(groups, step=STEP):
+    assert sorted(i for g in groups for i in g) == sorted(i for mb in step for i in mb)
+
+
+def test_regroup_padding_free_is_the_fewest_groups_evened_out():
+    groups = regroup_by_tokens(STEP, LENGTHS, 2048, padded=False)
+    _same_items(groups)
+    loads = [sum(LENGTHS[i] for i in g) for g in groups]
+    assert len(groups) == 2 and max(loads) <= 2048  # ceil(2510 / 2048)
+    assert max(loads) - min(loads) <= 100  # best fit alone would give 1,980 + 530
+    assert loads == sorted(loads, reverse=True)  # heaviest first: an out-of-memory shows at once
+    assert regroup_by_tokens(STEP, LENGTHS, 4096, padded=False) == [[0, 1, 2, 3, 4, 5, 6, 7]]
+
+
+def test_regroup_padded_counts_rows_times_the_longest():
+    groups = regroup_by_tokens(STEP, LENGTHS, 2048, padded=True)
+    _same_items(groups)
+    assert all(len(g) * max(LENGTHS[i] for i in g) <= 2048 for g in groups)
+    assert [3, 4] in groups  # the 900 and the 400 pad to 900: 1,800 tokens
+    pairs = regroup_by_tokens(STEP, LENGTHS, 2048, padded=True, rows_per_item=2)  # DPO: two rows per pair
+    assert all(2 * len(g) * max(LENGTHS[i] for i in g) <= 2048 for g in pairs) and len(pairs) > len(groups)
+
+
+def test_regroup_gives_every_rank_as_many_micro_batches():
+    for budget in (1024, 2048, 4096):
+        groups = regroup_by_tokens(STEP, LENGTHS, budget, padded=False, world=2)
+        _same_items(groups)
+        assert len(groups) % 2 == 0 and all(groups)
+        assert all(sum(LENGTHS[i] for i in g) <= budget for g in groups)
+    # Three rows of 900, 800, 700 under 1,000 tokens: three groups, and 2 ranks need 2 or 4: kept as they came
+    step = [[0, 1], [2]]
+    assert regroup_by_tokens(step, [900, 800, 700], 1000, padded=False, world=2) == step
+
+
+def test_regroup_sends_an_item_over_the_budget_alone():
+    groups = regroup_by_tokens(STEP, LENGTHS, 800, padded=False)
+    _same_items(groups)
+    assert [3] in groups  # 900 tokens
+    assert all(sum(LENGTHS[i] for i in g) <= 800 for g in groups if g != [3])
+    with pytest.raises(ValueError, match="positive"):
+        regroup_by_tokens(STEP, LENGTHS, 0, padded=False)

@@ -245,3 +245,17 @@ def test_time_from_flops(arch3b):
     assert t.seconds_total == pytest.approx(3 * t.seconds_per_epoch)
     steps = estimate_time(arch3b, Setup(micro_batch=2, grad_accum=4, seq_len=2048), h100, max_steps=20)
     assert steps.total_tokens == 20 * 8 * 2048 and "upper bound" in steps.basis
+
+
+def test_micro_batch_tokens_bounds_the_peak_micro_batch(arch3b):
+    profile = TokenProfile(rows=3000, lengths=[120, 180, 250, 300, 420, 640, 900] * 20)
+    as_configured = estimate_memory(arch3b, qlora_example(padding_free=True, attn="varlen"), profile)
+    regrouped = {b: estimate_memory(arch3b, qlora_example(padding_free=True, attn="varlen", micro_batch_tokens=b),
+                                    profile) for b in (2048, 4096)}
+    # a step's 8 rows fill a micro-batch up to the budget: more tokens than 2 rows, never over the budget
+    assert as_configured.tokens < regrouped[2048].tokens == 2048
+    assert 2048 < regrouped[4096].tokens <= 4096
+    assert as_configured.peak < regrouped[2048].peak < regrouped[4096].peak
+    fast = estimate_time(arch3b, qlora_example(padding_free=True, micro_batch_tokens=2048), hardware.gpu("H100"), profile)
+    slow = estimate_time(arch3b, qlora_example(padding_free=True), hardware.gpu("H100"), profile)
+    assert fast.tokens_per_second > slow.tokens_per_second  # larger micro-batches run at a higher MFU
