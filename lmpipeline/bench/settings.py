@@ -111,6 +111,9 @@ DPO = {
         "qlora-precomputed-2x4-compile": ("QLoRA NF4, 2 pairs x GA 4, checkpointing, reference precomputed, "
                                           "torch.compile", _ours(2, 4, True, **NF4, precompute_ref_log_probs=True,
                                                                  torch_compile=True)),
+        "qlora-tokens-2048": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 tokens, "
+                              "checkpointing, reference precomputed (eager)",
+                              _ours(2, 4, True, **NF4, precompute_ref_log_probs=True, micro_batch_tokens=2048)),
         "qlora-tokens-2048-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 "
                                       "tokens, checkpointing, reference precomputed, torch.compile",
                                       _ours(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
