@@ -15,7 +15,7 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmpipeline.config import schema  # noqa: E402
+from lmpipeline.config import lifecycle, schema  # noqa: E402
 
 SECTIONS = [
     ("Top level (pipeline form)", schema.PipelineConfig, None),
@@ -54,8 +54,21 @@ def render() -> str:
         "translated to these keys (see `SECTIONED_KEYS` in `lmpipeline/config/loader.py`).",
         "",
     ]
-    for title, cls, parent in SECTIONS:
+    for title, cls, parent in SECTIONS[:-1]:
         parts += [f"## {title}", "", table(cls, parent), ""]
+    parts += [
+        "## Evaluation, merging, packaging (`eval`, `merge`, `package`)",
+        "",
+        "Shared by the three; in a pipeline, `allow_pickle_weights` defaults to what the training stages set",
+        "(they load the same base). The commands take it as `--allow-pickle-weights`.",
+        "",
+        table(lifecycle._LifecycleStage, None),
+        "",
+    ]
+    for name, cls in lifecycle.LIFECYCLE_CONFIG_CLASSES.items():
+        parts += [f"### `{name}`", "", table(cls, lifecycle._LifecycleStage), ""]
+    title, cls, parent = SECTIONS[-1]
+    parts += [f"## {title}", "", table(cls, parent), ""]
     return "\n".join(parts)
 
 

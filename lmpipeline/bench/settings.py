@@ -18,7 +18,10 @@ DPO_COMMON = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target_module
                   beta=0.1, optim="adamw_8bit", bf16=True, seed=3407, max_seq_length=1024)
 
 def _ours(batch: int, ga: int, checkpointing: bool, **options) -> dict:
-    """SFTConfig/DPOConfig fields of one of our settings."""
+    """SFTConfig/DPOConfig fields of one of our settings. The micro-batches run as named (micro_batch_tokens
+    off) unless the setting regroups them itself: the names say batch x GA, and the earlier rows were measured
+    so, before regrouping became the default."""
+    options.setdefault("micro_batch_tokens", None)
     return dict(per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
                 gradient_checkpointing=checkpointing, **options)
 
@@ -80,7 +83,10 @@ SFT = {
                                                              micro_batch_tokens="auto")),
         "qlora-auto": ("QLoRA NF4, no packing, global batch 8 with micro-batch and checkpointing auto-fitted",
                        dict(**NF4, per_device_train_batch_size="auto", global_batch_size=8,
-                            gradient_checkpointing="auto")),
+                            gradient_checkpointing="auto", micro_batch_tokens=None)),
+        "qlora-seed-defaults": ("QLoRA NF4, the seed's 2 x GA 4 padded with checkpointing, and lmpipeline's "
+                                "defaults (micro_batch_tokens: auto regroups each step's 8 rows)",
+                                _ours(2, 4, True, **NF4, micro_batch_tokens="auto")),
         "qlora-packed-compile": ("QLoRA NF4, packing 2 x 2048 x GA 4, varlen, torch.compile, checkpointing",
                                  _ours(2, 4, True, **NF4, **COMPILED)),
         "qlora-packed-ckpt": ("QLoRA NF4, packing 2 x 2048 x GA 4, varlen, checkpointing",

@@ -116,11 +116,11 @@ class TrainStageConfig(_Strict):
     per_device_eval_batch_size: int = Field(8, gt=0, description="Eval batch size per device.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     micro_batch_tokens: Union[int, Literal["auto"], None] = Field(
-        None, description="Regroup each optimizer step's rows (micro-batch x GA) into as few micro-batches as "
+        "auto", description="Regroup each optimizer step's rows (micro-batch x GA) into as few micro-batches as "
         "hold at most this many tokens each (padded: rows x longest; padding-free: their sum). Same rows, same "
         "gradient (the loss is normalised over the whole step); short rows run in fewer, larger passes. auto: "
         "per_device_train_batch_size x max_seq_length tokens (DPO: x 2, a pair is two sequences), the most a "
-        "configured micro-batch can already hold, so the peak memory is that of its worst case."
+        "configured micro-batch can already hold, so the peak memory is that of its worst case. null: run the micro-batches as configured."
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

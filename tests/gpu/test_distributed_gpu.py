@@ -31,7 +31,8 @@ def _config(tmp_path: Path, gpu_model, quickstart_data, name="cfg", **sft) -> Pa
     stage = {"dataset_name_or_path": str(quickstart_data / "sft_train.jsonl"), "max_samples": 128,
              "max_seq_length": 128, "max_steps": STEPS, "per_device_train_batch_size": 4,
              "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 100,
-             "lora_dropout": 0.0, "assistant_only_loss": True, "seed": 7}
+             "lora_dropout": 0.0, "assistant_only_loss": True, "seed": 7,
+             "micro_batch_tokens": None}  # as configured: 2 GPUs and GA 2 sum the same micro-batches
     stage.update(sft)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"model_name_or_path": str(gpu_model), "output_dir": str(tmp_path / name),

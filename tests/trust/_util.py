@@ -110,7 +110,7 @@ def loop_run(tmp_path: Path, *, objective=None, model=None, examples=None, resum
     """Train `model` (default: micro_llama) with the real loop on synthetic examples.
 
     Returns (TrainResult, model). cfg_kw override an SFTConfig with full fine-tuning, 6 steps,
-    2 x GA 2, logging every step and no checkpoints.
+    2 x GA 2 run as configured, logging every step and no checkpoints.
     """
     from lmpipeline.config.schema import SFTConfig
     from lmpipeline.data.build import SFTData, make_batch_plans
@@ -119,8 +119,10 @@ def loop_run(tmp_path: Path, *, objective=None, model=None, examples=None, resum
     from lmpipeline.train.loop import train
     from lmpipeline.train.runtime import make_accelerator
 
+    # micro_batch_tokens off: helpers like Injecting count micro-batches as configured (GA per step).
     settings = dict(output_dir=str(tmp_path), use_lora=False, max_steps=6, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=1)
+                    gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=1,
+                    micro_batch_tokens=None)
     settings.update(cfg_kw)
     cfg = SFTConfig(**settings)
     model = model if model is not None else micro_llama()

@@ -63,7 +63,7 @@ def test_micro_batch_times_accumulation_equals_one_big_batch(tmp_path, tiny_mode
     big = _run(tmp_path / "8x1", capsys, tiny_model, data, per_device_train_batch_size=8,
                gradient_accumulation_steps=1, **common)
     accumulated = _run(tmp_path / "2x4", capsys, tiny_model, data, per_device_train_batch_size=2,
-                       gradient_accumulation_steps=4, **common)
+                       gradient_accumulation_steps=4, micro_batch_tokens=None, **common)
     assert len(big) == 5
     _assert_close(accumulated, big, rel=1e-5)
 
@@ -72,7 +72,7 @@ def test_token_budget_regrouping_keeps_the_steps(tmp_path, tiny_model, quickstar
     data = quickstart_data / "sft_train.jsonl"
     common = dict(max_steps=4, max_samples=40, lora_dropout=0.0, learning_rate=2e-3, padding_free=True,
                   per_device_train_batch_size=1, gradient_accumulation_steps=8)
-    as_configured = _run(tmp_path / "1x8", capsys, tiny_model, data, **common)
+    as_configured = _run(tmp_path / "1x8", capsys, tiny_model, data, micro_batch_tokens=None, **common)
     regrouped, _ = _run_logged(tmp_path / "tokens", capsys, tiny_model, data, micro_batch_tokens=256, **common)
     assert 1 <= max(_micro_batches(tmp_path / "tokens")) < 4  # of the 8 configured
     assert len(regrouped) == 4
@@ -84,7 +84,7 @@ def test_token_budget_regrouping_keeps_dpo_steps(tmp_path, tiny_model, quickstar
     stage = dict(dataset_name_or_path=str(data), max_samples=32, max_seq_length=128, max_steps=3,
                  per_device_train_batch_size=1, gradient_accumulation_steps=4, learning_rate=5e-3,
                  logging_steps=1, save_strategy="no", lora_dropout=0.0, seed=7)
-    as_configured, _ = _run_logged(tmp_path / "1x4", capsys, tiny_model, data, "dpo", **stage)
+    as_configured, _ = _run_logged(tmp_path / "1x4", capsys, tiny_model, data, "dpo", micro_batch_tokens=None, **stage)
     regrouped, _ = _run_logged(tmp_path / "tokens", capsys, tiny_model, data, "dpo", micro_batch_tokens=512, **stage)
     assert 1 <= max(_micro_batches(tmp_path / "tokens", "dpo")) < 4  # of the 4 configured
     assert len(regrouped) == 3

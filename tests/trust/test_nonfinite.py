@@ -106,7 +106,8 @@ def test_cli_names_the_step_and_rows_without_a_traceback(tmp_path, tiny_model, q
         return (loss * float("nan"), m) if calls["n"] == 5 else (loss, m)  # GA 2: call 5 is step 3
 
     monkeypatch.setattr(sft.SFTObjective, "loss", nan_on_third_step)
-    cfg = write_config(tmp_path, tiny_model, quickstart_data / "sft_train.jsonl", max_steps=4)
+    cfg = write_config(tmp_path, tiny_model, quickstart_data / "sft_train.jsonl", max_steps=4,
+                       micro_batch_tokens=None)  # micro-batches as configured: call 5 is step 3's first
     code, out = run_cli(["run", str(cfg)], capsys)
     assert code == 3, out
     assert "non-finite loss at step 3" in out and "sft_train.jsonl:" in out and "on_nonfinite: skip" in out

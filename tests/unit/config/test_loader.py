@@ -155,3 +155,11 @@ def test_micro_batch_tokens_checked_against_the_longest_row(tmp_path):
     assert "stage_configs.sft.micro_batch_tokens: expected a positive number of tokens" in str(e.value)
     cfg = load_config(p, ["stage_configs.sft.micro_batch_tokens=auto"])
     assert cfg.stage("sft").micro_batch_tokens == "auto"
+
+
+def test_config_reference_is_current(repo_root):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(repo_root / "scripts" / "config_reference.py"), "--check"])
+    assert done.returncode == 0, "docs/config.md is stale: run `python scripts/config_reference.py`"
