@@ -27,7 +27,10 @@ def _describe_setup(plan: StagePlan) -> str:
     rows = f"{s.micro_batch} pair{plural} (2 rows each)" if s.kind == "dpo" else f"{s.micro_batch} row{plural}"
     layout = "packed" if s.packing else f"padded to the longest row, ~{m.row_len} tokens at the peak"
     prec = "bf16/fp16 autocast" if s.autocast else "fp32"
-    return (f"{method}, {s.optim}, {prec}, micro-batch {rows} x GA {s.grad_accum}, max_seq_length {s.seq_len} "
+    regrouped = ""
+    if s.micro_batch_tokens and s.grad_accum > 1:
+        regrouped = f" regrouped into micro-batches of at most {s.micro_batch_tokens:,} tokens"
+    return (f"{method}, {s.optim}, {prec}, micro-batch {rows} x GA {s.grad_accum}{regrouped}, max_seq_length {s.seq_len} "
             f"({layout}; {m.tokens:,} tokens), checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
             f"attention {s.attn}" + (", Liger" if s.liger else ""))
 

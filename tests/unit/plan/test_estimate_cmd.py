@@ -29,6 +29,7 @@ def test_gpu_flag_and_exit_code(repo_root, capsys, monkeypatch):
     assert main(["estimate", "examples/seed000_config.yaml", "--gpu", "t4-16gb"]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "gradient_checkpointing: true" in out and "-> fits" in out
+    assert "2 rows x GA 4 regrouped into micro-batches of at most 4,096 tokens" in out  # micro_batch_tokens: auto
     assert main(["estimate", "examples/llama3.2-3b-sft.yaml", "--gpu", "a100-40gb"]) == 0
     assert "on a100-40gb: fits" in capsys.readouterr().out
     assert main(["estimate", "examples/llama3.2-3b-sft.yaml", "--gpu", "tpu"]) == 2
