@@ -254,10 +254,15 @@ def train(
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / per_step))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
-    if train_plan.regroup is not None and is_main:
+    # micro_batch_tokens: say what regrouping does to the first steps (nothing to say for one micro-batch
+    # per step that no step splits).
+    regrouping = False
+    if train_plan.regroup is not None:
         sample = [len(train_plan.step_batches(0, pos, per_step, world)) for pos in range(min(steps_per_epoch, 50))]
-        log.info("micro_batch_tokens: each step's %d micro-batches run as %.2f on average (%d-%d, first %d steps)",
-                 per_step, sum(sample) / len(sample), min(sample), max(sample), len(sample))
+        regrouping = per_step > 1 or any(n != per_step for n in sample)
+        if regrouping and is_main:
+            log.info("micro_batch_tokens: each step's %d micro-batches run as %.2f on average (%d-%d, first %d "
+                     "steps)", per_step, sum(sample) / len(sample), min(sample), max(sample), len(sample))
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -429,7 +434,7 @@ def train(
                     "tokens_per_second": window["tokens"] * world / elapsed,
                     "peak_memory_gb": round(_peak_memory_gb(device), 3),
                 })
-                if train_plan.regroup is not None:  # this rank's forward passes per step, after regrouping
+                if regrouping:  # this rank's forward passes per step, after regrouping
                     rec["micro_batches_per_step"] = window["micro"] / max(window["steps"], 1)
                 metrics.write(rec)
                 if is_main:
