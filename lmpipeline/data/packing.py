@@ -32,9 +32,6 @@ On SDPA that mask is dense [T, T] (slow on long rows, GUIDE section 5); with cu_
 max_length (`flash_attn_kwargs`) models/attention.py's varlen kernel needs no mask at all.
 
 Batching
-    `TokenBudgetBatchSampler`: micro-batches whose padded size (longest x count) stays within a
-    token budget; examples of similar length are grouped inside seeded random pools, and batch
-    order is shuffled per epoch (seed + epoch).
     `regroup_by_tokens`: one optimizer step's micro-batches regrouped into as few as hold at most a
     token budget each (micro_batch_tokens). The step keeps its rows, so its gradient is unchanged
     (the loop normalises the loss over the whole step); short rows run in fewer, larger passes.
@@ -43,8 +40,7 @@ Batching
 from __future__ import annotations
 
 import bisect
-import random
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -57,7 +53,6 @@ __all__ = [
     "collate_padded",
     "collate_packed",
     "flash_attn_kwargs",
-    "TokenBudgetBatchSampler",
     "regroup_by_tokens",
 ]
 
@@ -248,73 +243,3 @@ def flash_attn_kwargs(batch: dict) -> dict:
         return {}
     cu, longest = batch["cu_seq_lens"], batch["max_length"]
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-
-
-class TokenBudgetBatchSampler:
-    """Yields lists of example indices whose padded size (longest x count) is <= max_tokens.
-
-    Each epoch: indices are shuffled with Random(seed + epoch), cut into pools of `pool_size`
-    batches' worth, sorted by length inside each pool (so a batch pads little but stays random
-    across pools), greedily cut into batches, and the batch order shuffled. max_batch_size caps
-    the count. Deterministic for a given seed and epoch; call set_epoch each epoch. Single
-    process: a distributed run shards the yielded batches itself.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        max_tokens: int,
-        *,
-        seed: int = 0,
-        max_batch_size: int | None = None,
-        pool_size: int = 100,
-    ):
-        if not lengths:
-            raise ValueError("no examples to batch")
-        longest = max(lengths)
-        if longest > max_tokens:
-            raise ValueError(
-                f"token budget {max_tokens} is smaller than the longest example ({longest} tokens); raise "
-                "the budget or lower max_length"
-            )
-        self.lengths = list(lengths)
-        self.max_tokens = max_tokens
-        self.seed = seed
-        self.max_batch_size = max_batch_size
-        self.pool_size = pool_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        mean = sum(self.lengths) / len(self.lengths)
-        pool = max(1, int(self.pool_size * max(1, self.max_tokens // max(1, int(mean)))))
-        out: list[list[int]] = []
-        for p in range(0, len(order), pool):
-            chunk = sorted(order[p : p + pool], key=lambda i: self.lengths[i])
-            batch: list[int] = []
-            longest = 0
-            for i in chunk:
-                n = self.lengths[i]
-                grown = max(longest, n)
-                full = self.max_batch_size is not None and len(batch) >= self.max_batch_size
-                if batch and (grown * (len(batch) + 1) > self.max_tokens or full):
-                    out.append(batch)
-                    batch, grown = [], n
-                batch.append(i)
-                longest = grown
-            if batch:
-                out.append(batch)
-        rng.shuffle(out)
-        return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        # The count depends on the epoch's shuffle; computing it costs one batches() call.
-        return len(self.batches())

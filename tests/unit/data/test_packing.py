@@ -1,4 +1,4 @@
-"""packing: BFD bins, wrapped rows, collators, token-budget batches; packed loss == padded loss."""
+"""packing: BFD bins, wrapped rows, collators, token-budget regrouping; packed loss == padded loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from lmpipeline.data.packing import (
-    TokenBudgetBatchSampler,
     collate_packed,
     collate_padded,
     flash_attn_kwargs,
@@ -105,25 +104,6 @@ def test_collate_packed():
     assert batch["max_length"] == 4
     fa = flash_attn_kwargs(batch)
     assert fa["cu_seq_lens_q"] is batch["cu_seq_lens"] and fa["max_length_k"] == 4
-
-
-# --- token budget -----------------------------------------------------------------------------
-
-
-def test_token_budget_sampler():
-    lengths = lognormal_lengths(3000, seed=3, cap=1024)
-    sampler = TokenBudgetBatchSampler(lengths, 4096, seed=7, max_batch_size=32)
-    batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert all(max(lengths[i] for i in b) * len(b) <= 4096 and len(b) <= 32 for b in batches)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    assert sum(lengths) / padded > 0.9  # grouping by length inside pools keeps padding low
-    assert batches == list(TokenBudgetBatchSampler(lengths, 4096, seed=7, max_batch_size=32))  # seeded
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-    assert len(sampler) == len(list(sampler))
-    with pytest.raises(ValueError, match="smaller than the longest"):
-        TokenBudgetBatchSampler([10, 5000], 4096)
 
 
 # --- packed == unpacked on a real model -------------------------------------------------------
