@@ -45,6 +45,7 @@ import torch
 from lmpipeline.config.schema import DPOConfig, token_budget
 from lmpipeline.data import cache, masking, validate
 from lmpipeline.data.build import _key, chat_template_for, load_examples
+from lmpipeline.data.packing import regroup_by_tokens
 from lmpipeline.data.types import (
     IGNORE_INDEX,
     DataError,
@@ -54,7 +55,6 @@ from lmpipeline.data.types import (
     TokenizedExample,
     TokenizedPair,
 )
-from lmpipeline.data.packing import regroup_by_tokens
 from lmpipeline.errors import UserError
 from lmpipeline.models.compile import static_max_length
 from lmpipeline.train.loop import BatchPlan
