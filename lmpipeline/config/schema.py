@@ -232,12 +232,16 @@ class TrainStageConfig(_Strict):
             raise ValueError(f"unknown optimizer `{v}`{did_you_mean(v, OPTIMIZERS)}; choose from {', '.join(OPTIMIZERS)}")
         return v
 
-    @field_validator("per_device_train_batch_size", mode="before")
+    @field_validator("per_device_train_batch_size", "micro_batch_tokens", mode="before")
     @classmethod
-    def _batch_or_auto(cls, v):
+    def _positive_or_auto(cls, v, info):
         # One clear message instead of one per member of the Union.
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
             return v
+        if info.field_name == "micro_batch_tokens":
+            if v is None:
+                return v
+            raise ValueError(f"expected a positive number of tokens, `auto` or null, got {v!r}")
         raise ValueError(f"expected a positive integer or `auto`, got {v!r}")
 
     @field_validator("gradient_checkpointing", mode="before")
@@ -248,13 +252,6 @@ class TrainStageConfig(_Strict):
         if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "on", "off"):
             return v.lower() in ("true", "yes", "on")
         raise ValueError(f"expected true, false or `auto`, got {v!r}")
-
-    @field_validator("micro_batch_tokens", mode="before")
-    @classmethod
-    def _tokens_or_auto(cls, v):
-        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-            return v
-        raise ValueError(f"expected a positive number of tokens, `auto` or null, got {v!r}")
 
     @field_validator("micro_batch_tokens")
     @classmethod

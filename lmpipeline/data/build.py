@@ -11,6 +11,7 @@ silently. Errors name the config key and the file:line of the row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 from dataclasses import dataclass, field
@@ -314,12 +315,9 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
     regroup = None
     budget = token_budget(cfg.micro_batch_tokens, bsz, cfg.max_seq_length)
     if budget:
-        lengths = [len(e) for e in train]
-        padded = not (cfg.packing or cfg.padding_free)  # packed bins are flattened into one row anyway
-
-        def regroup(micro: list[list[int]], world: int) -> list[list[int]]:
-            return packing.regroup_by_tokens(micro, lengths, budget, padded=padded, world=world)
-
+        # packed bins are flattened into one row anyway: padding-free like padding_free
+        regroup = functools.partial(packing.regroup_by_tokens, lengths=[len(e) for e in train], budget=budget,
+                                    padded=not (cfg.packing or cfg.padding_free))
     train_plan = BatchPlan(epoch_batches, collate, describe, regroup)
     eval_plan = None
     if data.eval:

@@ -34,6 +34,7 @@ under on_overlong: error, and any invalid row under on_invalid: error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -356,9 +357,8 @@ def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int =
         # the pair's longer sequence.
         lengths = [pair_tokens([p]) if packed else max(len(p.chosen_ids), len(p.rejected_ids)) + len(p.prompt_ids)
                    for p in train]
-
-        def regroup(micro: list[list[int]], world: int) -> list[list[int]]:
-            return regroup_by_tokens(micro, lengths, budget, padded=not packed, rows_per_item=2, world=world)
+        regroup = functools.partial(regroup_by_tokens, lengths=lengths, budget=budget, padded=not packed,
+                                    rows_per_item=2)
 
     train_plan = BatchPlan(epoch_batches, collate, describe, regroup)
     eval_plan = None

@@ -80,13 +80,17 @@ class BatchPlan:
     epoch_batches: Callable[[int], list[list[int]]]
     collate: Callable[[list[int]], dict]
     describe: Callable[[list[int]], list[str]] = lambda idx: [str(i) for i in idx]
-    # micro_batch_tokens: (a step's micro-batches, world) -> the same rows in fewer, token-bounded ones
-    regroup: Callable[[list[list[int]], int], list[list[int]]] | None = None
+    # micro_batch_tokens: regroup(a step's micro-batches, world=...) -> the same rows in fewer, token-bounded ones
+    regroup: Callable[..., list[list[int]]] | None = None
+    # The last epoch's micro-batches: epoch_batches shuffles the whole dataset, once per epoch is enough.
+    _epoch: tuple[int, list[list[int]]] | None = field(default=None, init=False, repr=False)
 
     def step_batches(self, epoch: int, pos: int, per_step: int, world: int = 1) -> list[list[int]]:
         """The micro-batches of optimizer step `pos` of `epoch` (all ranks; rank r trains r, r + world, ...)."""
-        micro = self.epoch_batches(epoch)[pos * per_step:(pos + 1) * per_step]
-        return self.regroup(micro, world) if self.regroup is not None else micro
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.epoch_batches(epoch))
+        micro = self._epoch[1][pos * per_step:(pos + 1) * per_step]
+        return self.regroup(micro, world=world) if self.regroup is not None else micro
 
 
 @dataclass
@@ -292,7 +296,7 @@ def train(
         metrics.write({"step": 0, **ev})
         log.info("step 0 (before training): %s", _fmt(ev))
 
-    window = {"sums": {}, "tokens": 0, "t0": time.perf_counter(), "steps": 0}
+    window = {"sums": {}, "tokens": 0, "micro": 0, "t0": time.perf_counter(), "steps": 0}
     last_grad_norm = float("nan")
     last_eval: tuple[int, dict] | None = None
     recent_losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
@@ -316,7 +320,7 @@ def train(
             on_host = [train_plan.collate(idx) for idx in mine]
             units = torch.tensor(float(sum(objective.count(b) for b in on_host)), device=device)
             window["tokens"] += sum(_real_tokens(b) for b in on_host)
-            window["micro"] = window.get("micro", 0) + len(mine)
+            window["micro"] += len(mine)
             collated = [_to_device(b, device) for b in on_host]
             hb.beat(step + 1, "sync: token count")
             if world > 1:
@@ -439,7 +443,7 @@ def train(
                 metrics.write(rec)
                 if is_main:
                     log.info("step %d/%d %s", step, total_steps, _fmt(rec, skip=("step",)))
-                window = {"sums": {}, "tokens": 0, "t0": time.perf_counter(), "steps": 0}
+                window = {"sums": {}, "tokens": 0, "micro": 0, "t0": time.perf_counter(), "steps": 0}
 
             at_epoch_end = step % steps_per_epoch == 0
             do_eval = eval_plan is not None and (
