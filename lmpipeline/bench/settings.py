@@ -26,6 +26,13 @@ def _ours(batch: int, ga: int, checkpointing: bool, **options) -> dict:
                 gradient_checkpointing=checkpointing, **options)
 
 
+def _dpo(batch: int, ga: int, checkpointing: bool, **options) -> dict:
+    """A DPO setting of ours. The prompt is read once per sequence (share_prompt off) unless the setting
+    shares it: the rows before 2026-12-03's shared-prompt layout were measured so."""
+    options.setdefault("share_prompt", False)
+    return _ours(batch, ga, checkpointing, **options)
+
+
 def _trl(batch: int, ga: int, checkpointing: bool, **options) -> dict:
     """Our names for TRL's options, translated in measure.run_trl (packing, liger, use_4bit)."""
     return dict(batch=batch, ga=ga, gradient_checkpointing=checkpointing, **options)
@@ -103,31 +110,49 @@ SFT = {
 DPO = {
     "ours": {
         "seed": ("bf16 LoRA, 2 pairs x GA 4, checkpointing (the peer setting; pairs packed, varlen)",
-                 _ours(2, 4, True)),
-        "fast": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing (same global batch)", _ours(8, 1, False)),
+                 _dpo(2, 4, True)),
+        "fast": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing (same global batch)", _dpo(8, 1, False)),
         "fast-precomputed": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing, reference log-probs precomputed",
-                             _ours(8, 1, False, precompute_ref_log_probs=True)),
-        "qlora-seed": ("QLoRA NF4, 2 pairs x GA 4, checkpointing (pairs packed, varlen)", _ours(2, 4, True, **NF4)),
+                             _dpo(8, 1, False, precompute_ref_log_probs=True)),
+        "qlora-seed": ("QLoRA NF4, 2 pairs x GA 4, checkpointing (pairs packed, varlen)", _dpo(2, 4, True, **NF4)),
         "qlora-precomputed": ("QLoRA NF4, 4 pairs x GA 2, checkpointing, reference precomputed",
-                              _ours(4, 2, True, **NF4, precompute_ref_log_probs=True)),
+                              _dpo(4, 2, True, **NF4, precompute_ref_log_probs=True)),
         "qlora-seed-compile": ("QLoRA NF4, 2 pairs x GA 4, checkpointing, torch.compile of the decoder layers",
-                               _ours(2, 4, True, **NF4, torch_compile=True)),
+                               _dpo(2, 4, True, **NF4, torch_compile=True)),
         "qlora-precomputed-compile": ("QLoRA NF4, 4 pairs x GA 2, checkpointing, reference precomputed, torch.compile",
-                                      _ours(4, 2, True, **NF4, precompute_ref_log_probs=True, torch_compile=True)),
+                                      _dpo(4, 2, True, **NF4, precompute_ref_log_probs=True, torch_compile=True)),
         "qlora-precomputed-2x4-compile": ("QLoRA NF4, 2 pairs x GA 4, checkpointing, reference precomputed, "
-                                          "torch.compile", _ours(2, 4, True, **NF4, precompute_ref_log_probs=True,
-                                                                 torch_compile=True)),
+                                          "torch.compile", _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True,
+                                                                torch_compile=True)),
         "qlora-tokens-2048": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 tokens, "
                               "checkpointing, reference precomputed (eager)",
-                              _ours(2, 4, True, **NF4, precompute_ref_log_probs=True, micro_batch_tokens=2048)),
+                              _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, micro_batch_tokens=2048)),
         "qlora-tokens-2048-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 "
                                       "tokens, checkpointing, reference precomputed, torch.compile",
-                                      _ours(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
-                                            micro_batch_tokens=2048)),
+                                      _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
+                                           micro_batch_tokens=2048)),
         "qlora-tokens-3072-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 3,072 "
                                       "tokens, checkpointing, reference precomputed, torch.compile",
-                                      _ours(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
-                                            micro_batch_tokens=3072)),
+                                      _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
+                                           micro_batch_tokens=3072)),
+        "qlora-seed-defaults": ("QLoRA NF4, the seed's 2 pairs x GA 4 with checkpointing, and lmpipeline's "
+                                "defaults (varlen, prompt shared, micro_batch_tokens: auto)",
+                                _dpo(2, 4, True, **NF4, micro_batch_tokens="auto", share_prompt=True)),
+        "qlora-shared-2048": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 tokens, "
+                              "prompt shared by chosen and rejected, checkpointing, reference precomputed (eager)",
+                              _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, micro_batch_tokens=2048,
+                                   share_prompt=True)),
+        "qlora-shared-2048-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 "
+                                      "tokens, prompt shared, checkpointing, reference precomputed, torch.compile",
+                                      _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
+                                           micro_batch_tokens=2048, share_prompt=True)),
+        "qlora-shared-auto-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 4,096 "
+                                      "tokens (auto), prompt shared, checkpointing, reference precomputed, "
+                                      "torch.compile", _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True,
+                                                            torch_compile=True, micro_batch_tokens="auto",
+                                                            share_prompt=True)),
+        "fast-shared": ("bf16 LoRA, 8 pairs x GA 1, no checkpointing, reference precomputed, prompt shared",
+                        _dpo(8, 1, False, precompute_ref_log_probs=True, share_prompt=True)),
     },
     "trl": {
         "seed": ("TRL bf16 LoRA, 2 pairs x GA 4, checkpointing (2.55 pairs/s)", _trl(2, 4, True)),

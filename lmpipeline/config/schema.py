@@ -350,6 +350,10 @@ class DPOConfig(TrainStageConfig):
     precompute_ref_log_probs: bool = Field(
         False, description="Compute reference log-probs once, cache them on disk, reuse them."
     )
+    share_prompt: bool = Field(
+        True, description="With varlen attention: one copy of the prompt per pair, read by both replies "
+        "(fewer tokens, the same log-probs); false: the prompt once per sequence."
+    )
     reference: Literal["auto", "adapter_disabled", "frozen_copy", "none"] = Field(
         "auto", description="How the reference is formed (auto: disabled adapter for LoRA)."
     )

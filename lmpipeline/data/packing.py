@@ -242,4 +242,8 @@ def flash_attn_kwargs(batch: dict) -> dict:
     if "cu_seq_lens" not in batch:
         return {}
     cu, longest = batch["cu_seq_lens"], batch["max_length"]
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    if "kv_gather" in batch:  # keys that differ from the queries (preference.collate_pairs_shared)
+        kwargs.update(cu_seq_lens_k=batch["cu_seq_lens_k"], max_length_k=batch["max_length_k"],
+                      kv_gather=batch["kv_gather"])
+    return kwargs

@@ -77,9 +77,9 @@ from lmpipeline.data.cache import tokenizer_fingerprint
 from lmpipeline.data.preference import (
     PreferenceData,
     build_preference_data,
-    collate_pairs,
-    collate_pairs_packed,
     make_pair_plans,
+    pair_collator,
+    pair_layout,
     pairs_digest,
 )
 from lmpipeline.errors import UserError
@@ -143,22 +143,20 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused
 
 
 def packed_completion_logps(model, batch: dict, *, fused: bool = False):
-    """completion_logps for the packed layout (preference.collate_pairs_packed): one row, sequences
-    kept apart by cu_seq_lens (varlen attention); per-token log-probs summed per sequence_index."""
-    input_ids = batch["input_ids"]
-    mask = batch["completion_mask"][:, 1:].bool()
-    rows = batch["sequence_index"][:, 1:][mask]
-    inputs = {"input_ids": input_ids, "position_ids": batch["position_ids"], **flash_attn_kwargs(batch)}
-    targets = input_ids[:, 1:][mask]
+    """completion_logps for the packed layouts (preference.collate_pairs_packed / collate_pairs_shared): one
+    row, sequences kept apart by varlen attention; the token at `score_from` predicts `score_target`, and
+    its log-prob is summed into its sequence (`score_sequence`: chosen 0..n-1, rejected n..2n-1)."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **flash_attn_kwargs(batch)}
+    at, targets, rows = batch["score_from"], batch["score_target"], batch["score_sequence"]
     if fused:
-        hidden = final_hidden_states(model, inputs)[:, :-1][mask]
+        hidden = final_hidden_states(model, inputs)[0, at]
         head = unwrap(model).get_output_embeddings()
         chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
         token = TokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)
     else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
+        logits = model(**inputs, use_cache=False).logits[0, at]
         token = -F.cross_entropy(logits.float(), targets, reduction="none")
-    n = len(batch["cu_seq_lens"]) - 1
+    n = 2 * int(batch["pairs"])
     logps = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, rows, token)
     return logps, torch.bincount(rows, minlength=n)
 
@@ -427,11 +425,11 @@ def _gather_ordered(part: dict[int, tuple[float, float]], accelerator) -> dict[i
 
 
 def compute_reference_logps(objective: DPOObjective, model, pairs, cfg: DPOConfig, tokenizer,
-                            accelerator, *, packed: bool = False) -> np.ndarray:
+                            accelerator, *, layout: str = "padded") -> np.ndarray:
     """Reference log-probs [pairs, 2] in pair order; each process computes its share of batches.
-    `packed`: the padding-free layout (as in training when varlen attention runs)."""
+    `layout`: the micro-batch layout training uses (preference.PAIR_LAYOUTS)."""
     device = accelerator.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = pair_collator(cfg, tokenizer, layout)
     bsz = cfg.per_device_eval_batch_size
     batches = [list(range(s, min(s + bsz, len(pairs)))) for s in range(0, len(pairs), bsz)]
     mine = batches[accelerator.process_index::accelerator.num_processes]
@@ -440,7 +438,7 @@ def compute_reference_logps(objective: DPOObjective, model, pairs, cfg: DPOConfi
     model.eval()
     for idx in mine:
         chosen = [pairs[i] for i in idx]
-        batch = collate_pairs_packed(chosen) if packed else collate_pairs(chosen, pad_id)
+        batch = collate(chosen)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         # The loop's own precision context, so precomputed values equal on-the-fly ones.
         with autocast_for(cfg, device):
@@ -477,6 +475,7 @@ class DPOStage:
             raise UserError("no output_dir given", key="output_dir")
         self.config = config
         self.packed = False  # set by execute: sequences end to end under varlen attention
+        self.layout = "padded"  # set by execute: preference.pair_layout
 
     def _key(self, name: str) -> str:
         return f"stage_configs.{self.config.stage_name or 'dpo'}.{name}"
@@ -568,6 +567,7 @@ class DPOStage:
         # no padding, same log-probs. Undone after training (generation pads on the left).
         speed = TrainingSpeedups(model, cfg, packed=True, others=[ref_model])
         self.packed = speed.varlen
+        self.layout = pair_layout(cfg, packed=self.packed)
 
         accelerator = make_accelerator(cfg, out)
         if ref_model is not None:
@@ -598,7 +598,7 @@ class DPOStage:
 
             train_plan, eval_plan = make_pair_plans(cfg, data, tokenizer, rank=accelerator.process_index,
                                                     world=accelerator.num_processes, ref_train=ref_train,
-                                                    ref_eval=ref_eval, packed=self.packed)
+                                                    ref_eval=ref_eval, layout=self.layout)
             try:
                 result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
                                output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
@@ -626,7 +626,7 @@ class DPOStage:
         cfg = self.config
         if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
             model.to(accelerator.device)
-        settings = reference_settings(cfg, mode, torch_dtype, packed=self.packed)
+        settings = reference_settings(cfg, mode, torch_dtype, layout=self.layout)
         if in_memory:  # no files name the weights: hash the reference's state_dict (LoRA weights left out)
             inner = objective.ref_model if mode == "frozen_copy" else unwrap(model)
             reference = ref_cache.reference_fingerprint(model=inner, settings=settings, skip="lora_")
@@ -645,9 +645,9 @@ class DPOStage:
         log.info("computing reference log-probs for %d train and %d eval pairs (cache miss, key %s)",
                  len(data.train), len(data.eval or []), key)
         ref = ref_cache.RefLogps(compute_reference_logps(objective, model, data.train, cfg, tokenizer, accelerator,
-                                                         packed=self.packed),
+                                                         layout=self.layout),
                                  compute_reference_logps(objective, model, data.eval, cfg, tokenizer, accelerator,
-                                                         packed=self.packed)
+                                                         layout=self.layout)
                                  if data.eval else None)
         if accelerator.is_main_process:
             path = ref_cache.save(key, ref, {"reference": reference, "data": data_fp})
@@ -657,7 +657,7 @@ class DPOStage:
         return ref, False, key
 
 
-def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, packed: bool) -> dict:
+def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, layout: str) -> dict:
     """Everything besides weights and data that changes the reference log-probs, for the cache key.
 
     The kernels count, not only the precision: a policy compiled by torch_compile (or patched by Liger)
@@ -666,7 +666,7 @@ def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, packed: bool) 
     compiled run read the reference an eager run had cached."""
     return {"mode": mode, "torch_dtype": torch_dtype, "use_4bit": cfg.use_4bit, "use_8bit": cfg.use_8bit,
             "bnb": [cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype],
-            "attn_implementation": cfg.attn_implementation, "packed": packed, "bf16": cfg.bf16, "fp16": cfg.fp16,
+            "attn_implementation": cfg.attn_implementation, "layout": layout, "bf16": cfg.bf16, "fp16": cfg.fp16,
             "torch_compile": cfg.torch_compile, "use_liger_kernel": cfg.use_liger_kernel}
 
 

@@ -11,6 +11,15 @@ each example attends only to itself, causally:
   torch >= 2.10; no flash-attn package needed);
 - elsewhere (CPU tests), SDPA once per example: same result, slow, for correctness only.
 
+Shared prefixes (DPO, data/preference.collate_pairs_shared): keys may differ from queries. A pair is
+one run [prompt, chosen, rejected]; the queries are two segments, prompt+chosen and rejected, and the
+rejected segment's keys are prompt+rejected, gathered by `kv_gather` (the row position each key of
+the cu_seq_lens_k segments reads). Causality is aligned to the END of a segment (query i of a segment
+of n queries and m keys sees keys 0 .. i + m - n), which is how the flash kernel aligns a shorter query
+segment, so a rejected token sees the whole prompt and the rejected tokens before it, never chosen.
+The prompt's keys and values are computed once; only these two small [keys, kv heads, head dim]
+copies are made per layer.
+
 Registered with transformers' AttentionInterface under `VARLEN`. No mask function is registered,
 so transformers builds no mask at all for it (masking_utils returns None for unknown
 implementations). A call without cu_seq_lens (an unpacked, right-padded batch or one sequence)
@@ -61,7 +70,7 @@ def _repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
-def _kernel(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tensor:
+def _kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
     varlen_attn, causal, gqa = _VARLEN
     n_rep = q.shape[1] // k.shape[1]
     extra = dict(causal)
@@ -70,25 +79,32 @@ def _kernel(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tensor:
             extra["enable_gqa"] = True
         else:  # an older signature without GQA: give every query head its key/value head
             k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **extra)
 
 
-def _per_example(q, k, v, cu, scale: float | None, dropout: float) -> torch.Tensor:
-    """Reference path: causal SDPA for each example separately. [T, H, D] in and out."""
+def _per_example(q, k, v, cu_q, scale: float | None, dropout: float, cu_k=None) -> torch.Tensor:
+    """Reference path: causal SDPA for each segment separately, [T, H, D] in and out. A segment with more
+    keys than queries (`cu_k`) is causal from its end, as the kernel aligns it."""
     out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, n, D]
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout,
-                                           enable_gqa=qs.shape[1] != ks.shape[1])
+    bounds_q = cu_q.tolist()
+    bounds_k = bounds_q if cu_k is None else cu_k.tolist()
+    for (s, e), (ks_, ke) in zip(zip(bounds_q[:-1], bounds_q[1:]), zip(bounds_k[:-1], bounds_k[1:])):
+        qs = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        ks, vs = (t[ks_:ke].transpose(0, 1).unsqueeze(0) for t in (k, v))
+        n, m = e - s, ke - ks_
+        mask = None if n == m else torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           dropout_p=dropout, enable_gqa=qs.shape[1] != ks.shape[1])
         out[s:e] = o[0].transpose(0, 1)
     return out
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             cu_seq_lens_q=None, max_length_q=None, **kwargs):
+                             cu_seq_lens_q=None, max_length_q=None, cu_seq_lens_k=None, max_length_k=None,
+                             kv_gather=None, **kwargs):
     """transformers attention function. query [B, Hq, S, D], key/value [B, Hkv, S, D] ->
-    ([B, S, Hq, D], None). Packed batches (B == 1 with cu_seq_lens_q) take the varlen kernel."""
+    ([B, S, Hq, D], None). Packed batches (B == 1 with cu_seq_lens_q) take the varlen kernel; with
+    `kv_gather` the key segments (cu_seq_lens_k) are those row positions (shared prefixes, see above)."""
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -97,11 +113,17 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN} expects one packed row per micro-batch, got {query.shape[0]} rows")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    cu_q = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    cu_k, max_k = cu_q, max_length_q
+    if kv_gather is not None:
+        k, v = k.index_select(0, kv_gather), v.index_select(0, kv_gather)
+        cu_k, max_k = cu_seq_lens_k.to(device=q.device, dtype=torch.int32), max_length_k
     if q.is_cuda and _VARLEN is not None and not (dropout and module.training):
-        out = _kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_length_q), scaling)
+        out = _kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, int(max_length_q), int(max_k),
+                      scaling)
     else:
-        out = _per_example(q, k, v, cu, scaling, dropout if module.training else 0.0)
+        out = _per_example(q, k, v, cu_q, scaling, dropout if module.training else 0.0,
+                           cu_k=cu_k if kv_gather is not None else None)
     return out.unsqueeze(0), None
 
 

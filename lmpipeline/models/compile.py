@@ -105,6 +105,7 @@ def static_max_length(batch: dict, bound: int) -> dict:
     """A packed batch whose `max_length` is the fixed `bound` instead of its longest example. The varlen
     kernel only uses it to size its grid (blocks past an example's end exit at once), and a value that
     changes every step would make torch.compile recompile the layer every step."""
-    if "max_length" in batch:
-        batch["max_length"] = max(int(batch["max_length"]), bound)
+    for key in ("max_length", "max_length_k"):
+        if key in batch:
+            batch[key] = max(int(batch[key]), bound)
     return batch

@@ -570,19 +570,22 @@ def test_config_errors_are_for_people(world, tmp_path):
 # ------------------------------------------------------------------------------ packed (varlen)
 
 
-def test_packed_layout_gives_the_padded_logps_and_gradients(world, tmp_path):
-    """The packed layout (preference.collate_pairs_packed, varlen attention) scores every sequence as
-    the padded layout does: same summed log-probs, lengths and gradients, on both log-prob paths."""
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_packed_layouts_give_the_padded_logps_and_gradients(world, tmp_path, layout):
+    """The packed layouts (varlen attention: preference.collate_pairs_packed, and collate_pairs_shared with
+    one prompt per pair) score every sequence as the padded layout does: same summed log-probs, lengths
+    and gradients, on both log-prob paths."""
     from transformers import AutoModelForCausalLM
 
-    from lmpipeline.data.preference import collate_pairs_packed
+    from lmpipeline.data.preference import layout_tokens, pair_collator
     from lmpipeline.models import attention
 
     cfg = make_cfg(world, tmp_path / "o")
     padded, data, _ = batch_of(world, cfg)
-    packed = collate_pairs_packed(data.train[:6])
+    packed = pair_collator(cfg, None, layout)(data.train[:6])
     assert packed["pairs"] == padded["pairs"] == 6 and packed["input_ids"].shape[0] == 1
-    assert int(packed["completion_mask"].sum()) == int(padded["completion_mask"][:, 1:].sum())
+    assert packed["input_ids"].shape[1] == sum(layout_tokens(p, layout) for p in data.train[:6])
+    assert len(packed["score_target"]) == int(padded["completion_mask"][:, 1:].sum())
     model = AutoModelForCausalLM.from_pretrained(world["model_dir"])
     weights = torch.linspace(-1, 1, 12)
 
@@ -616,9 +619,10 @@ def test_reference_cache_key_follows_the_kernels():
     """An eager run's cached reference must not serve a compiled (or Liger-patched) run: their forwards
     round differently, and policy != reference at step 0 would shift the whole loss curve."""
     cfg = DPOConfig(stage_name="dpo", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl")
-    eager = dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", packed=True)
-    assert eager == dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", packed=True)
+    eager = dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", layout="shared")
+    assert eager == dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", layout="shared")
     for change in ({"torch_compile": True}, {"use_liger_kernel": True}, {"bf16": not cfg.bf16}):
-        other = dpo_mod.reference_settings(cfg.model_copy(update=change), "adapter_disabled", "bfloat16", packed=True)
+        other = dpo_mod.reference_settings(cfg.model_copy(update=change), "adapter_disabled", "bfloat16", layout="shared")
         assert other != eager, change
-    assert dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", packed=False) != eager
+    for layout in ("packed", "padded"):  # other sums, other rounding
+        assert dpo_mod.reference_settings(cfg, "adapter_disabled", "bfloat16", layout=layout) != eager

@@ -58,6 +58,39 @@ def test_attention_function_matches_sdpa_per_example_with_gqa():
         assert torch.allclose(out[0, s:e], ref[0].transpose(0, 1), atol=1e-6)
 
 
+def shared_prompt_case(device="cpu", dtype=torch.float32, hq=4, hkv=2, d=8, sizes=((4, 3, 5), (1, 6, 2), (6, 1, 1))):
+    """q, k, v of a row of [prompt, chosen, rejected] runs, the shared-prompt kwargs (as
+    preference.collate_pairs_shared builds them), and the expected output: each of prompt+chosen and
+    prompt+rejected attended causally on its own."""
+    torch.manual_seed(0)
+    total = sum(sum(s) for s in sizes)
+    q, k, v = (torch.randn(1, h, total, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
+    cu_q, cu_k, gather, expected = [0], [0], [], torch.empty(total, hq, d, device=device, dtype=dtype)
+    start = 0
+    for p, c, r in sizes:
+        prompt, chosen, rejected = (list(range(a, a + n)) for a, n in ((start, p), (start + p, c), (start + p + c, r)))
+        for keys, queries in ((prompt + chosen, prompt + chosen), (prompt + rejected, rejected)):
+            gather.extend(keys)
+            cu_k.append(len(gather))
+            cu_q.append(cu_q[-1] + len(queries))
+            ks, vs = (t[:, :, keys].repeat_interleave(hq // hkv, 1) for t in (k, v))
+            full = torch.nn.functional.scaled_dot_product_attention(q[:, :, keys], ks, vs, is_causal=True, scale=0.3)
+            expected[queries] = full[0, :, len(keys) - len(queries):].transpose(0, 1)
+        start += p + c + r
+    as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    kwargs = dict(cu_seq_lens_q=as_int(cu_q), max_length_q=max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                  cu_seq_lens_k=as_int(cu_k), max_length_k=max(b - a for a, b in zip(cu_k, cu_k[1:])),
+                  kv_gather=torch.tensor(gather, device=device))
+    return q, k, v, kwargs, expected
+
+
+def test_shared_prompt_keys_give_each_sequence_its_own_attention():
+    """kv_gather: a rejected reply attends to its prompt and to itself, as if it ran after the prompt alone."""
+    q, k, v, kwargs, expected = shared_prompt_case()
+    out, _ = attention.varlen_attention_forward(torch.nn.Module().eval(), q, k, v, None, scaling=0.3, **kwargs)
+    assert torch.allclose(out[0], expected, atol=1e-6)
+
+
 def test_packed_varlen_model_equals_padded_sdpa_loss_and_gradients():
     exs = _examples()
     padded, packed = collate_padded(exs, pad_token_id=0), collate_packed(exs)
