@@ -109,6 +109,7 @@ class TokenProfile:
 
     rows: int | None = None
     mean_tokens: float | None = None  # mean tokens a row puts through the model (DPO: per chosen/rejected row)
+    prompt_tokens: float | None = None  # DPO: mean tokens of a pair's prompt (counted in both of its rows)
     lengths: list[int] | None = None  # sample of the row lengths that set padded widths
     source: str = "no data sample: rows assumed max_seq_length long (worst case)"
 
@@ -173,6 +174,7 @@ class Setup:
     seq_len: int = 2048
     packing: bool = False  # SFT bins of seq_len tokens
     padding_free: bool = False  # rows end to end without padding (SFT padding_free; DPO under varlen)
+    shared_prompt: bool = False  # DPO under varlen with share_prompt: a pair's prompt runs once, not twice
     micro_batch_tokens: int | None = None  # a step's rows regrouped into micro-batches of at most this many tokens
     gradient_checkpointing: bool = False
     checkpoint_fraction: float = 1.0  # share of the layers checkpointed when gradient_checkpointing is on
@@ -231,6 +233,7 @@ def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str =
     values = dict(
         kind=kind, micro_batch=micro_batch, grad_accum=stage.gradient_accumulation_steps,
         seq_len=stage.max_seq_length, packing=packing, padding_free=padding_free, micro_batch_tokens=budget,
+        shared_prompt=kind == "dpo" and attn == "varlen" and getattr(stage, "share_prompt", False),
         gradient_checkpointing=gc if isinstance(gc, bool) else False,
         checkpoint_fraction=getattr(stage, "gradient_checkpointing_fraction", 1.0), use_lora=stage.use_lora,
         lora_r=stage.lora_r, lora_targets=stage.lora_target_modules, lora_dropout=stage.lora_dropout,
@@ -560,6 +563,7 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
     static = weights + adapters + grads + optim + reference
 
     # Tokens of the peak micro-batch: packed rows are full; padded rows are as long as the longest row.
+    # (A DPO prompt shared by its pair's two rows is counted in both: the peak stays an upper bound.)
     rows = setup.rows
     seen = rows_seen or (profile.rows or 10**6)
     row_len = setup.seq_len if setup.packing else profile.longest(seen, setup.seq_len)
@@ -673,6 +677,8 @@ def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profil
     ref = 2 if setup.kind == "dpo" and setup.reference in ("adapter_disabled", "frozen_copy") else 0
     flops_per_token = (k + ref) * N
     mean = profile.mean(setup.seq_len)
+    if setup.shared_prompt and profile.prompt_tokens:  # each row carries half of its pair's one prompt
+        mean -= profile.prompt_tokens / 2
     rows_per_step = setup.rows * setup.grad_accum * world
     inflation = 1.0 if setup.packing else profile.padding_inflation(setup.rows, setup.seq_len)
     micro_tokens = setup.micro_batch * setup.seq_len if setup.packing else setup.rows * mean * inflation
@@ -902,7 +908,7 @@ def profile_data(stage, kind: str, tokenizer_path: str | None = None, sample: in
     if stage.max_samples:
         total = min(total, stage.max_samples)
     total = int(total * (1 - stage.validation_split_ratio)) if not stage.eval_dataset_name_or_path else total
-    lengths, means = [], []
+    lengths, means, prompts = [], [], []
     for row in picked:
         if kind == "dpo" and "chosen" in row and "rejected" in row:
             c = sum(count(s) for s in _strings(row["chosen"]))
@@ -910,6 +916,7 @@ def profile_data(stage, kind: str, tokenizer_path: str | None = None, sample: in
             p = sum(count(s) for k, v in row.items() if k not in ("chosen", "rejected") for s in _strings(v))
             lengths.append(p + max(c, r) + TEMPLATE_TOKENS)
             means.append(p + (c + r) / 2 + TEMPLATE_TOKENS)
+            prompts.append(p)
         else:
             n = sum(count(s) for s in _strings(row)) + TEMPLATE_TOKENS
             lengths.append(n)
@@ -917,6 +924,7 @@ def profile_data(stage, kind: str, tokenizer_path: str | None = None, sample: in
     if not lengths:
         return TokenProfile(rows=total, source="no rows read")
     return TokenProfile(rows=total, mean_tokens=sum(means) / len(means), lengths=lengths,
+                        prompt_tokens=sum(prompts) / len(prompts) if prompts else None,
                         source=f"{len(lengths)} sampled rows, {how}")
 
 

@@ -259,3 +259,20 @@ def test_micro_batch_tokens_bounds_the_peak_micro_batch(arch3b):
     fast = estimate_time(arch3b, qlora_example(padding_free=True, micro_batch_tokens=2048), hardware.gpu("H100"), profile)
     slow = estimate_time(arch3b, qlora_example(padding_free=True), hardware.gpu("H100"), profile)
     assert fast.tokens_per_second > slow.tokens_per_second  # larger micro-batches run at a higher MFU
+
+
+def test_a_shared_dpo_prompt_runs_once_per_pair(arch3b):
+    """share_prompt (DPO under varlen): the time counts a pair's prompt once, its two replies each once."""
+    from lmpipeline.config.schema import DPOConfig
+    from lmpipeline.plan.estimate import setup_from_stage
+
+    profile = TokenProfile(rows=1000, mean_tokens=400, prompt_tokens=200, lengths=[500] * 50, source="test")
+    stage = DPOConfig(stage_name="dpo", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl", max_steps=10)
+    shared, separate = (setup_from_stage(stage.model_copy(update={"share_prompt": on}), "dpo") for on in (True, False))
+    assert shared.shared_prompt and not separate.shared_prompt
+    h100 = hardware.gpu("H100")
+    t_shared, t_separate = (estimate_time(arch3b, s, h100, profile) for s in (shared, separate))
+    # per pair 200 + 2 x 200 reply tokens instead of 2 x 400
+    assert t_shared.tokens_per_epoch == pytest.approx(0.75 * t_separate.tokens_per_epoch)
+    padded = setup_from_stage(stage.model_copy(update={"attn_implementation": "sdpa"}), "dpo")
+    assert not padded.shared_prompt  # the prompt is shared only in varlen's packed rows
