@@ -19,9 +19,11 @@ DPO_COMMON = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target_module
 
 def _ours(batch: int, ga: int, checkpointing: bool, **options) -> dict:
     """SFTConfig/DPOConfig fields of one of our settings. The micro-batches run as named (micro_batch_tokens
-    off) unless the setting regroups them itself: the names say batch x GA, and the earlier rows were measured
-    so, before regrouping became the default."""
+    off, padded unless padding_free or packing is named) unless the setting says otherwise: the names say
+    batch x GA, and the earlier rows were measured so, before regrouping and padding_free: auto became
+    the defaults."""
     options.setdefault("micro_batch_tokens", None)
+    options.setdefault("padding_free", False)
     return dict(per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
                 gradient_checkpointing=checkpointing, **options)
 
@@ -90,10 +92,13 @@ SFT = {
                                                              micro_batch_tokens="auto")),
         "qlora-auto": ("QLoRA NF4, no packing, global batch 8 with micro-batch and checkpointing auto-fitted",
                        dict(**NF4, per_device_train_batch_size="auto", global_batch_size=8,
-                            gradient_checkpointing="auto", micro_batch_tokens=None)),
-        "qlora-seed-defaults": ("QLoRA NF4, the seed's 2 x GA 4 padded with checkpointing, and lmpipeline's "
-                                "defaults (micro_batch_tokens: auto regroups each step's 8 rows)",
-                                _ours(2, 4, True, **NF4, micro_batch_tokens="auto")),
+                            gradient_checkpointing="auto", micro_batch_tokens=None, padding_free=False)),
+        "qlora-seed-defaults": ("QLoRA NF4, the seed's 2 x GA 4 with checkpointing, and lmpipeline's defaults "
+                                "(padding_free: auto, micro_batch_tokens: auto regroups each step's 8 rows)",
+                                _ours(2, 4, True, **NF4, micro_batch_tokens="auto", padding_free="auto")),
+        "qlora-seed-defaults-compile": ("QLoRA NF4, the seed's 2 x GA 4 with checkpointing, lmpipeline's defaults, "
+                                        "torch.compile", _ours(2, 4, True, **NF4, micro_batch_tokens="auto",
+                                                               padding_free="auto", torch_compile=True)),
         "qlora-packed-compile": ("QLoRA NF4, packing 2 x 2048 x GA 4, varlen, torch.compile, checkpointing",
                                  _ours(2, 4, True, **NF4, **COMPILED)),
         "qlora-packed-ckpt": ("QLoRA NF4, packing 2 x 2048 x GA 4, varlen, checkpointing",

@@ -186,9 +186,10 @@ class TrainStageConfig(_Strict):
         "GPU and the model allows it, else the model's default."
     )
     packing: bool = Field(False, description="Pack examples padding-free into max_seq_length rows.")
-    padding_free: bool = Field(
-        False, description="SFT without packing: the examples of a micro-batch sit end to end in one row "
-        "instead of being padded to the longest (same batches, no padding; varlen attention on a GPU)."
+    padding_free: Union[bool, Literal["auto"]] = Field(
+        "auto", description="SFT without packing: the examples of a micro-batch sit end to end in one row "
+        "instead of being padded to the longest (same batches, no padding; varlen attention on a GPU). "
+        "auto: on where PyTorch's varlen kernel runs (a CUDA GPU, a model it supports) and NEFTune is off."
     )
     packing_strategy: Literal["bfd", "ffd", "wrapped"] = Field(
         "bfd", description="bfd/ffd: whole examples, best fit; wrapped: concatenate and cut (text)."
@@ -315,6 +316,15 @@ def token_budget(setting: int | str | None, micro_batch: int, max_seq_length: in
     if setting == "auto":
         return micro_batch * max_seq_length * rows_per_item
     return int(setting)
+
+
+def padding_free_on(cfg, varlen_runs: bool) -> bool:
+    """Whether a run lays a micro-batch's rows end to end: padding_free true, or auto where the varlen kernel
+    runs (`varlen_runs`), packing is off (bins are end to end already) and NEFTune is off (its noise is
+    scaled by the row's length, which one padding-free row of all the examples would change)."""
+    if cfg.padding_free == "auto":
+        return varlen_runs and not cfg.packing and not cfg.neftune_noise_alpha
+    return bool(cfg.padding_free)
 
 
 class SFTConfig(TrainStageConfig):

@@ -304,7 +304,7 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
 
         def collate(idx: list[int]) -> dict:
             examples = [train[i] for i in idx]
-            if not cfg.padding_free:
+            if cfg.padding_free is not True:  # "auto" is resolved by the stage (it needs the model)
                 return packing.collate_padded(examples, pad_id)
             batch = packing.collate_packed(examples)
             return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile else batch
@@ -317,7 +317,7 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
     if budget:
         # packed bins are flattened into one row anyway: padding-free like padding_free
         regroup = functools.partial(packing.regroup_by_tokens, lengths=[len(e) for e in train], budget=budget,
-                                    padded=not (cfg.packing or cfg.padding_free))
+                                    padded=not (cfg.packing or cfg.padding_free is True))
     train_plan = BatchPlan(epoch_batches, collate, describe, regroup)
     eval_plan = None
     if data.eval:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from lmpipeline.config.schema import SFTConfig
+from lmpipeline.config.schema import SFTConfig, padding_free_on
 from lmpipeline.context import StageResult
 from lmpipeline.data.build import SFTData, build_sft_data, make_batch_plans
 from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.errors import UserError
 from lmpipeline.methods.logprobs import fused_head_usable, hidden_token_logps
-from lmpipeline.models import loading
+from lmpipeline.models import attention, loading
 from lmpipeline.models.speedups import TrainingSpeedups
 from lmpipeline.plan import autofit
 from lmpipeline.train.loop import train
@@ -101,6 +101,19 @@ class SFTStage:
             raise UserError("no output_dir given", key="output_dir")
         self.config = config
 
+    @staticmethod
+    def _resolve_padding_free(cfg: SFTConfig, model) -> SFTConfig:
+        """padding_free: auto becomes true or false once the model is known (schema.padding_free_on)."""
+        if cfg.padding_free != "auto":
+            return cfg
+        varlen_runs = attention.kernel_available() and attention.attention_for(
+            model, requested=cfg.attn_implementation, packed=True, max_seq_length=cfg.max_seq_length) is not None
+        on = padding_free_on(cfg, varlen_runs)
+        if on:
+            log.info("[%s] padding_free (auto): each micro-batch's examples end to end in one row, varlen attention",
+                     cfg.stage_name)
+        return cfg.model_copy(update={"padding_free": on})
+
     def execute(self, model=None, tokenizer=None, *, model_name_or_path: str | None = None,
                 torch_dtype: str = "auto", resume: bool = False, data: SFTData | None = None) -> StageResult:
         cfg = self.config
@@ -131,6 +144,7 @@ class SFTStage:
         if cfg.gradient_checkpointing:
             loading.enable_gradient_checkpointing(model, cfg.gradient_checkpointing_fraction)
         _log_trainable(model)
+        cfg = self.config = self._resolve_padding_free(cfg, model)
         packed = cfg.padding_free or (cfg.packing and cfg.packing_strategy in ("bfd", "ffd"))
         # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.
         objective = SFTObjective(fused=cfg.chunked_loss and not cfg.use_liger_kernel and fused_head_usable(model))

@@ -60,10 +60,13 @@ def _torch_varlen():
 
 
 def kernel_available(device: torch.device | str | None = None) -> bool:
-    """True where the fast path runs: a CUDA device and a torch with varlen_attn."""
+    """True where the fast path runs: a CUDA device the flash kernel supports (compute capability 8.0 or
+    newer: Ampere, Ada, Hopper, Blackwell; not V100 or T4) and a torch with varlen_attn."""
     device = torch.device(device) if device is not None else None
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    return on_cuda and _torch_varlen() is not None
+    if not on_cuda or _torch_varlen() is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:

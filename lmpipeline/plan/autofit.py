@@ -277,7 +277,7 @@ def sft_probe_step(model, cfg, data, tokenizer, objective, device) -> Callable[[
     wrapped = cfg.packing and cfg.packing_strategy == "wrapped"
 
     def cost(idx: list[int]) -> int:
-        if cfg.packing or cfg.padding_free:  # one row of all the tokens
+        if cfg.packing or cfg.padding_free is True:  # one row of all the tokens
             return sum(lengths[i] for i in idx)
         return len(idx) * max(lengths[i] for i in idx)
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Any
 
-from lmpipeline.config.schema import token_budget
+from lmpipeline.config.schema import padding_free_on, token_budget
 from lmpipeline.plan import hardware
 from lmpipeline.plan.presets import Architecture
 
@@ -254,7 +254,8 @@ def _attention(stage, kind: str, arch: Architecture | None) -> str:
         return requested
     softcap = arch is not None and arch.attn_softcap
     window = arch is not None and arch.sliding_window and arch.sliding_window < stage.max_seq_length
-    packed = kind == "dpo" or stage.packing or getattr(stage, "padding_free", False)
+    # padding_free auto counts as on: the estimate is for a GPU, where the kernel runs (unless NEFTune is on).
+    packed = kind == "dpo" or stage.packing or padding_free_on(stage, varlen_runs=True)
     if packed and not softcap and not window:
         return "varlen"
     return "eager" if softcap else "sdpa"

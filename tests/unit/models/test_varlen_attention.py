@@ -147,6 +147,35 @@ def test_choice_of_implementation(monkeypatch):
     assert attention.unsupported_reason(windowed, 256) is None  # rows shorter than the window
 
 
+def test_the_kernel_needs_an_ampere_or_newer_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, runs in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert attention.kernel_available() == (runs and attention._torch_varlen() is not None), capability
+
+
+def test_padding_free_auto_follows_the_kernel(monkeypatch):
+    """padding_free: auto is on where varlen runs, off with packing (bins are end to end already) and with
+    NEFTune (its noise scales with the row length); explicit values are kept."""
+    from lmpipeline.config.schema import SFTConfig
+    from lmpipeline.methods.sft import SFTStage
+
+    model = _tiny_llama()
+    cfg = SFTConfig(stage_name="sft", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl")
+    assert cfg.padding_free == "auto"
+    resolve = SFTStage._resolve_padding_free
+    monkeypatch.setattr(attention, "kernel_available", lambda device=None: False)
+    assert resolve(cfg, model).padding_free is False
+    monkeypatch.setattr(attention, "kernel_available", lambda device=None: True)
+    assert resolve(cfg, model).padding_free is True
+    for off in ({"packing": True}, {"neftune_noise_alpha": 5.0}, {"attn_implementation": "sdpa"}):
+        assert resolve(cfg.model_copy(update=off), model).padding_free is False, off
+    assert resolve(cfg.model_copy(update={"padding_free": False}), model).padding_free is False
+    windowed = _tiny_llama()
+    windowed.config.sliding_window = 512
+    assert resolve(cfg, windowed).padding_free is False
+
+
 def _sft_losses(tmp_path, tiny_model, quickstart_data, name, **kw):
     import json
 
