@@ -565,7 +565,8 @@ class DPOStage:
         _log_trainable(model)
         # Varlen attention (GPU, or asked for) puts each micro-batch's sequences end to end in one row:
         # no padding, same log-probs. Undone after training (generation pads on the left).
-        speed = TrainingSpeedups(model, cfg, packed=True, others=[ref_model])
+        # eager_rounding: the reference pass (no gradients) must round as the policy's forward does.
+        speed = TrainingSpeedups(model, cfg, packed=True, others=[ref_model], eager_rounding=True)
         self.packed = speed.varlen
         self.layout = pair_layout(cfg, packed=self.packed)
 
@@ -667,7 +668,9 @@ def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, layout: str) -
     return {"mode": mode, "torch_dtype": torch_dtype, "use_4bit": cfg.use_4bit, "use_8bit": cfg.use_8bit,
             "bnb": [cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype],
             "attn_implementation": cfg.attn_implementation, "layout": layout, "bf16": cfg.bf16, "fp16": cfg.fp16,
-            "torch_compile": cfg.torch_compile, "use_liger_kernel": cfg.use_liger_kernel}
+            "torch_compile": cfg.torch_compile, "use_liger_kernel": cfg.use_liger_kernel,
+            # compiled layers round as eager since 2026-12-03 (models/compile.EAGER_ROUNDING): older caches differ
+            "compiled_rounding": "eager" if cfg.torch_compile else None}
 
 
 def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:

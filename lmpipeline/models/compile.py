@@ -76,8 +76,20 @@ def _restore_capture_hooks(layer: torch.nn.Module) -> None:
         delattr(layer, _SET_ASIDE)
 
 
-def compile_decoder_layers(model) -> int:
-    """Compile every decoder layer in place (Module.compile); returns how many were compiled."""
+# Inductor keeps a fused chain of bf16 operations in float32 where eager rounds after each one. Where it
+# may round depends on the graph: the training graph must store some intermediates for the backward (in
+# bf16), the no-gradient graph need not. A DPO reference computed without gradients then differs from the
+# policy's training forward on the same weights: on random Llama-3.2-3B QLoRA the first step's loss was
+# 0.6728 instead of ln 2 = 0.6931 (0.2-0.6 nats of summed log-probs per sequence; bench/README.md, call 13).
+# With Inductor's emulate_precision_casts both graphs round where eager does: 0.6943 (call 14), at the
+# same speed within the noise of that call.
+EAGER_ROUNDING = {"emulate_precision_casts": True}
+
+
+def compile_decoder_layers(model, *, eager_rounding: bool = False) -> int:
+    """Compile every decoder layer in place (Module.compile); returns how many were compiled.
+    `eager_rounding`: round bf16/fp16 intermediates where eager does (EAGER_ROUNDING), so forwards with and
+    without gradients agree (DPO's reference and policy)."""
     layers = decoder_layers(model)
     if layers is None:
         log.warning("torch_compile: no decoder layer list found on %s; running eager", type(model).__name__)
@@ -86,9 +98,10 @@ def compile_decoder_layers(model) -> int:
     set_aside = 0
     for layer in layers:
         set_aside += _set_aside_capture_hooks(layer)
-        layer.compile(dynamic=True)
-    log.info("torch_compile: %d decoder layers compiled (one graph, dynamic shapes%s)", len(layers),
-             f"; {set_aside} output-capturing hooks set aside" if set_aside else "")
+        layer.compile(dynamic=True, options=dict(EAGER_ROUNDING) if eager_rounding else None)
+    log.info("torch_compile: %d decoder layers compiled (one graph, dynamic shapes%s%s)", len(layers),
+             f"; {set_aside} output-capturing hooks set aside" if set_aside else "",
+             "; rounding as eager" if eager_rounding else "")
     return len(layers)
 
 

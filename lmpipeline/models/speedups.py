@@ -33,11 +33,13 @@ def _cast_flags(model) -> list[torch.nn.Module]:
 
 class TrainingSpeedups:
     """See the module docstring. `others`: further models that run the same batches (a frozen DPO
-    reference) and need the same attention implementation."""
+    reference) and need the same attention implementation. `eager_rounding`: compiled layers round as
+    eager does (models/compile.EAGER_ROUNDING), for DPO, whose reference runs without gradients."""
 
-    def __init__(self, model, cfg, *, packed: bool, others=()):
+    def __init__(self, model, cfg, *, packed: bool, others=(), eager_rounding: bool = False):
         self.model = model
         self.cfg = cfg
+        self.eager_rounding = eager_rounding
         self.others = [m for m in others if m is not None]
         self.implementation = attention.attention_for(model, requested=cfg.attn_implementation, packed=packed,
                                                       max_seq_length=cfg.max_seq_length)
@@ -64,7 +66,7 @@ class TrainingSpeedups:
             if self._uncast:
                 on.append(f"LoRA input casts off in {len(self._uncast)} layers (autocast)")
         if cfg.torch_compile:
-            self._compiled = compile_decoder_layers(self.model) > 0
+            self._compiled = compile_decoder_layers(self.model, eager_rounding=self.eager_rounding) > 0
             if self._compiled:
                 on.append("decoder layers compiled")
         if on:

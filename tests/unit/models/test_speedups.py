@@ -101,3 +101,29 @@ def test_compiled_layers_are_one_graph_each_and_match_eager():
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
     assert len(out.hidden_states) == 3  # embeddings + 2 layers: the capturing hooks are back, once each
     torch.testing.assert_close(out.hidden_states[-1], eager_hidden)
+
+
+def test_eager_rounding_makes_the_compiled_forwards_agree():
+    """bf16: Inductor's default rounding differs between the no-gradient graph (a DPO reference pass) and
+    the training graph (the policy), which shifted a compiled DPO run's first loss off ln 2 on the GPU.
+    With eager_rounding both equal eager's forward, bit for bit here."""
+    from lmpipeline.methods.logprobs import final_hidden_states
+    from lmpipeline.models.compile import compile_decoder_layers, uncompile_decoder_layers
+
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(1))
+    differences = {}
+    for eager_rounding in (False, True):
+        torch._dynamo.reset()
+        model = _lora_llama().to(torch.bfloat16)
+        compile_decoder_layers(model, eager_rounding=eager_rounding)
+        with torch.no_grad():
+            reference = final_hidden_states(model, {"input_ids": ids})
+        model.enable_input_require_grads()
+        policy = final_hidden_states(model, {"input_ids": ids}).detach()
+        uncompile_decoder_layers(model)
+        with torch.no_grad():
+            eager = final_hidden_states(model, {"input_ids": ids})
+        differences[eager_rounding] = [(a.float() - b.float()).abs().max().item()
+                                       for a, b in ((reference, policy), (policy, eager))]
+    assert differences[True] == [0.0, 0.0]
+    assert differences[False][0] > 0  # the control: without it the two graphs round differently
