@@ -26,8 +26,8 @@ Where varlen attention runs (models/attention.py) the micro-batch is one row wit
   "shared" (default, share_prompt: true; `collate_pairs_shared`): per pair one run
     [prompt, chosen, rejected]; chosen attends to the prompt and itself, rejected to the prompt and
     itself (never to chosen), with positions continuing from the prompt's end. The prompt goes through
-    the model once per pair instead of twice: on the anchor workload (prompt ~190, replies ~280 tokens)
-    20% fewer tokens per pair.
+    the model once per pair instead of twice: on the bench's DPO workload (prompt 185, replies 247
+    tokens on average) 21% fewer tokens per pair, 19% less step time (bench/README.md, call 13).
   "packed" (share_prompt: false; `collate_pairs_packed`): the 2 x pairs sequences end to end, each
     attending only to itself.
   Both carry input_ids, position_ids [1, T], cu_seq_lens (query segments), max_length, pairs, and the
