@@ -107,7 +107,8 @@ class PreferenceData:
 
 
 def pair_tokens(pairs: list[TokenizedPair]) -> int:
-    """Tokens through the model for these pairs: the prompt twice, each completion once."""
+    """Tokens of these pairs as two sequences each (the prompt twice, each completion once): what the
+    data report shows. What a micro-batch really runs depends on its layout: layout_tokens."""
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
 
