@@ -245,6 +245,15 @@ def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str =
     return Setup(**values)
 
 
+def _without_flash_kernel(setup: Setup, stage) -> Setup:
+    """`setup` on a GPU without PyTorch's flash varlen kernel (before compute capability 8.0): SDPA, DPO
+    pairs and padding_free: auto padded, an explicit padding_free row under SDPA's block mask."""
+    if setup.attn != "varlen":
+        return setup
+    explicit = setup.kind == "sft" and getattr(stage, "padding_free", False) is True
+    return replace(setup, attn="sdpa", padding_free=explicit, shared_prompt=False)
+
+
 def _attention(stage, kind: str, arch: Architecture | None) -> str:
     """The attention a run of `stage` uses on a GPU (models/attention.attention_for's rule): varlen for
     packed SFT rows, padding-free SFT and every DPO stage unless another backend is named or the
@@ -994,10 +1003,21 @@ def plan_stage(stage, kind: str, arch: Architecture | None, *, device: hardware.
     plan.resolved = derived
     plan.notes.extend(m for m in messages if " -> " not in m)  # the resolved values are shown on their own
     plan.setup = setup_from_stage(resolved, kind, torch_dtype=torch_dtype, impl=impl, arch=arch)
+    without_flash = _without_flash_kernel(plan.setup, resolved)
+    if device is not None and not device.flash_attention:
+        plan.setup = without_flash
     seen = rows_seen(resolved, plan.profile, kind)
     plan.memory = estimate_memory(arch, plan.setup, plan.profile, seen)
-    plan.table = [(g, hardware.fits(plan.memory.peak, g)) for g in hardware.GPUS]
-    plan.smallest = hardware.smallest_fitting(plan.memory.peak)
+    peaks = {id(plan.setup): plan.memory.peak}
+
+    def peak_on(gpu: hardware.GPU) -> float:  # T4, V100: no varlen kernel, rows laid out as on those GPUs
+        setup = plan.setup if gpu.flash_attention else without_flash
+        if id(setup) not in peaks:
+            peaks[id(setup)] = estimate_memory(arch, setup, plan.profile, seen).peak
+        return peaks[id(setup)]
+
+    plan.table = [(g, hardware.fits(peak_on(g), g)) for g in hardware.GPUS]
+    plan.smallest = hardware.smallest_fitting(peak_on)
     speed_gpu = device or hardware.gpu("h100-80gb")
     plan.time = estimate_time(arch, plan.setup, speed_gpu, plan.profile, epochs=resolved.num_train_epochs,
                               max_steps=resolved.max_steps, world=world)

@@ -13,6 +13,7 @@ several A100s); `lmpipeline estimate` computes the same answer from the model an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 GIB = 2**30
 
@@ -48,6 +49,11 @@ class GPU:
     bf16_tflops: float
     bf16: bool = True  # T4 and V100 have no bfloat16 tensor cores: train in fp16 there
     attainable_tflops: float | None = None
+
+    @property
+    def flash_attention(self) -> bool:
+        """PyTorch's flash (varlen) kernel needs compute capability 8.0, the same GPUs as bf16 tensor cores."""
+        return self.bf16
 
     @property
     def memory_bytes(self) -> float:
@@ -94,10 +100,11 @@ def fits(peak_bytes: float, device: GPU) -> bool:
     return required_bytes(peak_bytes) <= device.memory_bytes
 
 
-def smallest_fitting(peak_bytes: float) -> GPU | None:
-    """The first GPU of the table (by memory) whose memory holds this peak plus headroom."""
+def smallest_fitting(peak_bytes: float | Callable[[GPU], float]) -> GPU | None:
+    """The first GPU of the table (by memory) whose memory holds this peak plus headroom. `peak_bytes` may
+    depend on the GPU (a function of it): a run without the flash kernel lays its rows out differently."""
     for g in sorted(GPUS, key=lambda g: (g.memory_gib, g.bf16_tflops)):  # equal memory: the slower (cheaper) one
-        if fits(peak_bytes, g):
+        if fits(peak_bytes(g) if callable(peak_bytes) else peak_bytes, g):
             return g
     return None
 

@@ -276,3 +276,20 @@ def test_a_shared_dpo_prompt_runs_once_per_pair(arch3b):
     assert t_shared.tokens_per_epoch == pytest.approx(0.75 * t_separate.tokens_per_epoch)
     padded = setup_from_stage(stage.model_copy(update={"attn_implementation": "sdpa"}), "dpo")
     assert not padded.shared_prompt  # the prompt is shared only in varlen's packed rows
+
+
+def test_gpus_without_the_flash_kernel_are_planned_padded(arch3b):
+    """T4 and V100 (compute capability < 8.0) have no varlen kernel: DPO pairs run padded under SDPA there,
+    so their rows of the fit table and a plan for them use that layout's (larger) peak."""
+    from lmpipeline.config.schema import DPOConfig
+    from lmpipeline.plan.estimate import plan_stage
+
+    stage = DPOConfig(stage_name="dpo", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl",
+                      max_seq_length=1024, per_device_train_batch_size=4, max_steps=10)
+    profile = TokenProfile(rows=1000, mean_tokens=300, prompt_tokens=150,
+                           lengths=[120, 200, 350, 500, 800] * 20, source="test")
+    on_h100 = plan_stage(stage, "dpo", arch3b, device=hardware.gpu("h100-80gb"), profile=profile)
+    on_v100 = plan_stage(stage, "dpo", arch3b, device=hardware.gpu("v100-32gb"), profile=profile)
+    assert on_h100.setup.attn == "varlen" and on_h100.setup.shared_prompt
+    assert on_v100.setup.attn == "sdpa" and not on_v100.setup.padding_free and not on_v100.setup.shared_prompt
+    assert on_v100.memory.peak > on_h100.memory.peak
