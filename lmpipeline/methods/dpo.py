@@ -11,8 +11,9 @@ Supported
                  rewards/margins, logps/chosen, logps/rejected (eval_ prefixed at evaluation).
 
 One forward per micro-batch: chosen and rejected rows are concatenated along the batch dimension
-(TRL's layout) and the log-prob of each sequence is the sum over its COMPLETION tokens only (the
-prompt and the padding never count). When the model's logits are lm_head(last hidden state) (checked
+(TRL's layout), or under varlen attention laid end to end in one row with each pair's prompt once,
+read by both replies (share_prompt; data/preference.py's layouts), and the log-prob of each sequence
+is the sum over its COMPLETION tokens only (the prompt and the padding never count). When the model's logits are lm_head(last hidden state) (checked
 once on a real row; Llama, Qwen, Mistral, Phi... but not Gemma-2's soft-capping), only completion
 positions go through the LM head, in chunks, with a recomputing backward (`TokenLogps`): no
 [rows, length, vocab] logits are ever held. Otherwise the model's logits are read with

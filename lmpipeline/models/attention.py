@@ -91,10 +91,10 @@ def _per_example(q, k, v, cu_q, scale: float | None, dropout: float, cu_k=None) 
     out = torch.empty_like(q)
     bounds_q = cu_q.tolist()
     bounds_k = bounds_q if cu_k is None else cu_k.tolist()
-    for (s, e), (ks_, ke) in zip(zip(bounds_q[:-1], bounds_q[1:]), zip(bounds_k[:-1], bounds_k[1:])):
+    for (s, e), (s_k, e_k) in zip(zip(bounds_q[:-1], bounds_q[1:]), zip(bounds_k[:-1], bounds_k[1:])):
         qs = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        ks, vs = (t[ks_:ke].transpose(0, 1).unsqueeze(0) for t in (k, v))
-        n, m = e - s, ke - ks_
+        ks, vs = (t[s_k:e_k].transpose(0, 1).unsqueeze(0) for t in (k, v))
+        n, m = e - s, e_k - s_k
         mask = None if n == m else torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
                                            dropout_p=dropout, enable_gqa=qs.shape[1] != ks.shape[1])
