@@ -25,7 +25,12 @@ def _describe_setup(plan: StagePlan) -> str:
         method = f"full fine-tuning ({_n(m.trainable)} trainable)"
     plural = "" if s.micro_batch == 1 else "s"
     rows = f"{s.micro_batch} pair{plural} (2 rows each)" if s.kind == "dpo" else f"{s.micro_batch} row{plural}"
-    layout = "packed" if s.packing else f"padded to the longest row, ~{m.row_len} tokens at the peak"
+    if s.packing:
+        layout = "packed"
+    elif s.padding_free:  # varlen rows: the examples (DPO: the pairs' sequences) end to end, no padding
+        layout = "end to end without padding" + (", each pair's prompt once" if s.shared_prompt else "")
+    else:
+        layout = f"padded to the longest row, ~{m.row_len} tokens at the peak"
     prec = "bf16/fp16 autocast" if s.autocast else "fp32"
     regrouped = ""
     if s.micro_batch_tokens and s.grad_accum > 1:

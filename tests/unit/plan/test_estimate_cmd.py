@@ -74,6 +74,11 @@ stage_configs:
     assert sft.time.steps_per_epoch == 1000 and sft.time.total_steps == 2000
     # DPO pairs run padding-free (varlen): the peak micro-batch is a sum of real lengths, below 8 padded rows
     assert dpo.profile.rows == 1000 and dpo.setup.padding_free and dpo.memory.tokens < 2 * 4 * dpo.memory.row_len
+    # ... with each pair's prompt once (share_prompt), which the time counts once per pair
+    from lmpipeline.commands.estimate_cmd import format_plan
+
+    assert dpo.setup.shared_prompt and 0 < dpo.profile.prompt_tokens < dpo.profile.mean_tokens
+    assert "end to end without padding, each pair's prompt once" in format_plan(dpo)
     assert str(model) in sft.arch.source
 
 
