@@ -105,6 +105,11 @@ log = logging.getLogger(__name__)
 
 CHAIN_FILE = "lmpipeline_chain.json"
 STACK_REFERENCE_ADAPTER = "sft"
+LAYOUT_DESCRIPTIONS = {
+    "padded": "chosen and rejected as right-padded rows (SDPA)",
+    "packed": "sequences end to end in one row, the prompt once per sequence (varlen attention)",
+    "shared": "sequences end to end in one row, each pair's prompt once for both replies (varlen attention)",
+}
 # How the objective obtains reference log-probs.
 REFERENCE_MODES = ("adapter_disabled", "adapter", "frozen_copy", "precomputed", "none")
 
@@ -570,6 +575,10 @@ class DPOStage:
         speed = TrainingSpeedups(model, cfg, packed=True, others=[ref_model], eager_rounding=True)
         self.packed = speed.varlen
         self.layout = pair_layout(cfg, packed=self.packed)
+        log.info("[%s] pairs: %s", cfg.stage_name, LAYOUT_DESCRIPTIONS[self.layout])
+        if self.layout == "padded" and "share_prompt" in cfg.model_fields_set and cfg.share_prompt:
+            log.warning("share_prompt needs varlen attention (a CUDA GPU of compute capability 8.0 or newer and "
+                        "attn_implementation auto or varlen); the pairs are padded rows here")
 
         accelerator = make_accelerator(cfg, out)
         if ref_model is not None:

@@ -11,6 +11,7 @@ training.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -613,6 +614,19 @@ def test_dpo_stage_with_varlen_matches_sdpa(world, tmp_path):
         assert stage.packed == (attn == "varlen")
         losses[attn] = [r["loss"] for r in metrics_lines(tmp_path / attn) if "loss" in r]
     assert len(losses["varlen"]) == 4 and losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-4)
+
+
+def test_the_stage_says_its_pair_layout_and_when_share_prompt_cannot_apply(world, tmp_path, caplog):
+    """varlen (asked for, so the CPU runs it): each pair's prompt once; under SDPA the pairs are padded
+    and an explicit share_prompt: true gets a warning naming what it needs."""
+    caplog.set_level(logging.INFO, logger="lmpipeline.methods.dpo")
+    shared = DPOStage(make_cfg(world, tmp_path / "v", attn_implementation="varlen", max_steps=1))
+    shared.execute(model_name_or_path=str(world["model_dir"]))
+    assert shared.layout == "shared" and "each pair's prompt once for both replies" in caplog.text
+    caplog.clear()
+    padded = DPOStage(make_cfg(world, tmp_path / "s", attn_implementation="sdpa", max_steps=1, share_prompt=True))
+    padded.execute(model_name_or_path=str(world["model_dir"]))
+    assert padded.layout == "padded" and "share_prompt needs varlen attention" in caplog.text
 
 
 def test_reference_cache_key_follows_the_kernels():
