@@ -396,9 +396,12 @@ def _shuffled(n: int, seed: int) -> list[int]:
     return order
 
 
-# How a micro-batch of pairs is laid out (module docstring): right-padded rows, or one packed row for
-# varlen attention, with the prompt once per sequence ("packed") or once per pair ("shared").
-PAIR_LAYOUTS = ("padded", "packed", "shared")
+# How a micro-batch of pairs is laid out (module docstring), as the DPO stage logs it.
+PAIR_LAYOUTS = {
+    "padded": "chosen and rejected as right-padded rows (SDPA)",
+    "packed": "sequences end to end in one row, the prompt once per sequence (varlen attention)",
+    "shared": "sequences end to end in one row, each pair's prompt once for both replies (varlen attention)",
+}
 
 
 def pair_layout(cfg: DPOConfig, *, packed: bool) -> str:
@@ -424,7 +427,7 @@ def pair_collator(cfg: DPOConfig, tokenizer, layout: str):
     """collate(pairs, ref) -> batch for `layout`; training, evaluation and the reference pass share it,
     so precomputed reference log-probs come from the layout the policy is trained on."""
     if layout not in PAIR_LAYOUTS:
-        raise ValueError(f"layout must be one of {PAIR_LAYOUTS}, got {layout!r}")
+        raise ValueError(f"layout must be one of {tuple(PAIR_LAYOUTS)}, got {layout!r}")
     if layout == "padded":
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return lambda pairs, ref=None: collate_pairs(pairs, pad_id, ref)

@@ -13,10 +13,10 @@ Supported
 One forward per micro-batch: chosen and rejected rows are concatenated along the batch dimension
 (TRL's layout), or under varlen attention laid end to end in one row with each pair's prompt once,
 read by both replies (share_prompt; data/preference.py's layouts), and the log-prob of each sequence
-is the sum over its COMPLETION tokens only (the prompt and the padding never count). When the model's logits are lm_head(last hidden state) (checked
-once on a real row; Llama, Qwen, Mistral, Phi... but not Gemma-2's soft-capping), only completion
-positions go through the LM head, in chunks, with a recomputing backward (`TokenLogps`): no
-[rows, length, vocab] logits are ever held. Otherwise the model's logits are read with
+is the sum over its COMPLETION tokens only (the prompt and the padding never count). When the
+model's logits are lm_head(last hidden state) (checked once on a real row; Llama, Qwen, Mistral,
+Phi... but not Gemma-2's soft-capping), only completion positions go through the LM head, in chunks,
+with a recomputing backward (`TokenLogps`): no [rows, length, vocab] logits are ever held. Otherwise the model's logits are read with
 cross_entropy from the first position that predicts a completion token onwards (`logits_to_keep`).
 On the anchor benchmark (random Llama-3.2-3B, 2 x GA 4, length <= 1024, H100) the fused path took
 peak memory from 10.8 to 6.5 GiB (QLoRA) and from 12.5 to 8.0 GiB (bf16 LoRA).
@@ -76,6 +76,7 @@ from lmpipeline.config.schema import DPOConfig
 from lmpipeline.context import StageOutput, StageResult
 from lmpipeline.data.cache import tokenizer_fingerprint
 from lmpipeline.data.preference import (
+    PAIR_LAYOUTS,
     PreferenceData,
     build_preference_data,
     make_pair_plans,
@@ -105,11 +106,6 @@ log = logging.getLogger(__name__)
 
 CHAIN_FILE = "lmpipeline_chain.json"
 STACK_REFERENCE_ADAPTER = "sft"
-LAYOUT_DESCRIPTIONS = {
-    "padded": "chosen and rejected as right-padded rows (SDPA)",
-    "packed": "sequences end to end in one row, the prompt once per sequence (varlen attention)",
-    "shared": "sequences end to end in one row, each pair's prompt once for both replies (varlen attention)",
-}
 # How the objective obtains reference log-probs.
 REFERENCE_MODES = ("adapter_disabled", "adapter", "frozen_copy", "precomputed", "none")
 
@@ -480,8 +476,12 @@ class DPOStage:
         if not config.output_dir:
             raise UserError("no output_dir given", key="output_dir")
         self.config = config
-        self.packed = False  # set by execute: sequences end to end under varlen attention
         self.layout = "padded"  # set by execute: preference.pair_layout
+
+    @property
+    def packed(self) -> bool:
+        """Sequences end to end in one row under varlen attention (either packed layout)."""
+        return self.layout != "padded"
 
     def _key(self, name: str) -> str:
         return f"stage_configs.{self.config.stage_name or 'dpo'}.{name}"
@@ -573,9 +573,8 @@ class DPOStage:
         # no padding, same log-probs. Undone after training (generation pads on the left).
         # eager_rounding: the reference pass (no gradients) must round as the policy's forward does.
         speed = TrainingSpeedups(model, cfg, packed=True, others=[ref_model], eager_rounding=True)
-        self.packed = speed.varlen
-        self.layout = pair_layout(cfg, packed=self.packed)
-        log.info("[%s] pairs: %s", cfg.stage_name, LAYOUT_DESCRIPTIONS[self.layout])
+        self.layout = pair_layout(cfg, packed=speed.varlen)
+        log.info("[%s] pairs: %s", cfg.stage_name, PAIR_LAYOUTS[self.layout])
         if self.layout == "padded" and "share_prompt" in cfg.model_fields_set and cfg.share_prompt:
             log.warning("share_prompt needs varlen attention (a CUDA GPU of compute capability 8.0 or newer and "
                         "attn_implementation auto or varlen); the pairs are padded rows here")

@@ -1002,22 +1002,16 @@ def plan_stage(stage, kind: str, arch: Architecture | None, *, device: hardware.
                                                        torch_dtype=torch_dtype, impl=impl)
     plan.resolved = derived
     plan.notes.extend(m for m in messages if " -> " not in m)  # the resolved values are shown on their own
-    plan.setup = setup_from_stage(resolved, kind, torch_dtype=torch_dtype, impl=impl, arch=arch)
-    without_flash = _without_flash_kernel(plan.setup, resolved)
-    if device is not None and not device.flash_attention:
-        plan.setup = without_flash
+    # T4, V100: no varlen kernel, so their rows are laid out as they run there (setups by flash_attention)
+    with_flash = setup_from_stage(resolved, kind, torch_dtype=torch_dtype, impl=impl, arch=arch)
+    setups = {True: with_flash, False: _without_flash_kernel(with_flash, resolved)}
+    plan.setup = setups[device is None or device.flash_attention]
     seen = rows_seen(resolved, plan.profile, kind)
     plan.memory = estimate_memory(arch, plan.setup, plan.profile, seen)
-    peaks = {id(plan.setup): plan.memory.peak}
-
-    def peak_on(gpu: hardware.GPU) -> float:  # T4, V100: no varlen kernel, rows laid out as on those GPUs
-        setup = plan.setup if gpu.flash_attention else without_flash
-        if id(setup) not in peaks:
-            peaks[id(setup)] = estimate_memory(arch, setup, plan.profile, seen).peak
-        return peaks[id(setup)]
-
-    plan.table = [(g, hardware.fits(peak_on(g), g)) for g in hardware.GPUS]
-    plan.smallest = hardware.smallest_fitting(peak_on)
+    peaks = {flash: plan.memory.peak if setup is plan.setup else estimate_memory(arch, setup, plan.profile, seen).peak
+             for flash, setup in setups.items()}
+    plan.table = [(g, hardware.fits(peaks[g.flash_attention], g)) for g in hardware.GPUS]
+    plan.smallest = hardware.smallest_fitting(lambda g: peaks[g.flash_attention])
     speed_gpu = device or hardware.gpu("h100-80gb")
     plan.time = estimate_time(arch, plan.setup, speed_gpu, plan.profile, epochs=resolved.num_train_epochs,
                               max_steps=resolved.max_steps, world=world)
