@@ -176,9 +176,10 @@ class TrainStageConfig(_Strict):
         "for half of its recomputation. gradient_checkpointing: auto picks it too."
     )
     use_liger_kernel: bool = Field(False, description="Liger Triton kernels (GPU).")
-    torch_compile: bool = Field(
-        False, description="Compile each decoder layer with torch.compile (fused kernels; the first steps are "
-        "slower while it compiles)."
+    torch_compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Compile each decoder layer with torch.compile (fused kernels; the first step takes "
+        "about a minute longer while it compiles). auto: on for runs of at least 300 optimizer steps of LoRA or "
+        "4-bit QLoRA in bf16 on one CUDA GPU, where it was measured 1.15-1.5x faster; off otherwise."
     )
     attn_implementation: Optional[str] = Field(
         None, description="Attention backend: sdpa, eager, flex_attention, flash_attention_2, or varlen "
@@ -245,7 +246,7 @@ class TrainStageConfig(_Strict):
             raise ValueError(f"expected a positive number of tokens, `auto` or null, got {v!r}")
         raise ValueError(f"expected a positive integer or `auto`, got {v!r}")
 
-    @field_validator("gradient_checkpointing", mode="before")
+    @field_validator("gradient_checkpointing", "torch_compile", mode="before")
     @classmethod
     def _bool_or_auto(cls, v):
         if v == "auto" or isinstance(v, bool):

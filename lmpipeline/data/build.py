@@ -296,7 +296,7 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
 
         def collate(idx: list[int]) -> dict:
             batch = packing.collate_packed([train[i] for i in idx])
-            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile else batch
+            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile is True else batch
     else:
         def epoch_batches(epoch: int) -> list[list[int]]:
             order = _shuffled(len(train), cfg.seed + epoch)
@@ -307,7 +307,7 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
             if cfg.padding_free is not True:  # "auto" is resolved by the stage (it needs the model)
                 return packing.collate_padded(examples, pad_id)
             batch = packing.collate_packed(examples)
-            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile else batch
+            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile is True else batch
 
     def describe(idx: list[int]) -> list[str]:
         return [str(train[i].source) if train[i].source else f"example {i}" for i in idx]

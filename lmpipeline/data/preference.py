@@ -435,7 +435,7 @@ def pair_collator(cfg: DPOConfig, tokenizer, layout: str):
 
     def collate(pairs, ref=None):
         batch = collate_packed(pairs, ref)
-        return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile else batch
+        return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile is True else batch
 
     return collate
 

@@ -98,7 +98,7 @@ from lmpipeline.methods.logprobs import (
 from lmpipeline.methods.sft import _log_trainable, save_final
 from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.models import loading
-from lmpipeline.models.speedups import TrainingSpeedups
+from lmpipeline.models.speedups import TrainingSpeedups, resolve_torch_compile
 from lmpipeline.train.loop import autocast_for, train
 from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
 
@@ -539,6 +539,7 @@ class DPOStage:
         # Data first: a bad dataset must fail before minutes of weight loading.
         data = data or build_preference_data(cfg, tokenizer)
         log.info("[%s] data: %s", cfg.stage_name, data.summary())
+        cfg = self.config = resolve_torch_compile(cfg, len(data.train))
 
         in_memory = model is not None
         if model is None:

@@ -30,7 +30,7 @@ from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.errors import UserError
 from lmpipeline.methods.logprobs import fused_head_usable, hidden_token_logps
 from lmpipeline.models import attention, loading
-from lmpipeline.models.speedups import TrainingSpeedups
+from lmpipeline.models.speedups import TrainingSpeedups, resolve_torch_compile
 from lmpipeline.plan import autofit
 from lmpipeline.train.loop import train
 from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
@@ -133,6 +133,7 @@ class SFTStage:
         # Data first: a bad dataset must fail before minutes of weight loading.
         data = data or build_sft_data(cfg, tokenizer)
         log.info("[%s] data: %s", cfg.stage_name, data.summary())
+        cfg = self.config = resolve_torch_compile(cfg, _rows_per_epoch(cfg, data))
 
         if model is None:
             loading.quantization_config(cfg)  # fails now, with the key, if QLoRA is asked for without a GPU
@@ -180,6 +181,14 @@ class SFTStage:
         self.tokenizer = tokenizer
         return StageResult(cfg.stage_name or "sft", out, final_dir, metrics, result.global_step, data.describe(),
                            adapter=cfg.use_lora, notes={"autofit": probe} if probe else {})
+
+
+def _rows_per_epoch(cfg: SFTConfig, data: SFTData) -> int:
+    """Micro-batch rows in one epoch: examples, or about as many packed rows as the tokens fill (a lower
+    bound: bins are never fuller than max_seq_length)."""
+    if cfg.packing:
+        return max(1, math.ceil(sum(len(e) for e in data.train) / cfg.max_seq_length))
+    return len(data.train)
 
 
 def _log_trainable(model) -> None:

@@ -18,17 +18,33 @@ Measured effects: bench/README.md.
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 import torch
 
 from lmpipeline.models import attention
-from lmpipeline.models.compile import compile_decoder_layers, uncompile_decoder_layers
+from lmpipeline.models.compile import compile_by_default, compile_decoder_layers, uncompile_decoder_layers
+from lmpipeline.train.optim import planned_steps
 
 log = logging.getLogger(__name__)
 
 
 def _cast_flags(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+
+
+def resolve_torch_compile(cfg, rows_per_epoch: int):
+    """`torch_compile: auto` becomes true or false once the data is known (models/compile.compile_by_default):
+    `rows_per_epoch` are the micro-batch rows of one epoch (examples, pairs, or packed bins)."""
+    if cfg.torch_compile != "auto":
+        return cfg
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate/torchrun for every process
+    micro_batches = math.ceil(rows_per_epoch / cfg.per_device_train_batch_size)
+    _, steps = planned_steps(cfg, micro_batches, world)
+    on, why = compile_by_default(cfg, optimizer_steps=steps, cuda=torch.cuda.is_available(), processes=world)
+    log.info("[%s] torch_compile (auto): %s, %s", cfg.stage_name, "on" if on else "off", why)
+    return cfg.model_copy(update={"torch_compile": on})
 
 
 class TrainingSpeedups:
@@ -65,7 +81,7 @@ class TrainingSpeedups:
                 m.cast_input_dtype_enabled = False
             if self._uncast:
                 on.append(f"LoRA input casts off in {len(self._uncast)} layers (autocast)")
-        if cfg.torch_compile:
+        if cfg.torch_compile is True:  # "auto" is resolved by the stage once the data is known
             self._compiled = compile_decoder_layers(self.model, eager_rounding=self.eager_rounding) > 0
             if self._compiled:
                 on.append("decoder layers compiled")

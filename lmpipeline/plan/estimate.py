@@ -239,7 +239,9 @@ def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str =
         lora_r=stage.lora_r, lora_targets=stage.lora_target_modules, lora_dropout=stage.lora_dropout,
         use_dora=stage.use_dora, quant=quant, double_quant=stage.bnb_4bit_use_double_quant,
         weight_bytes=weight_bytes, autocast=bool(stage.bf16 or stage.fp16), optim=stage.optim,
-        liger=stage.use_liger_kernel, compiled=bool(getattr(stage, "torch_compile", False)), attn=attn, reference=reference, impl=impl,
+        # torch_compile: auto is planned eager (it depends on the run's length; eager needs more memory)
+        liger=stage.use_liger_kernel, compiled=getattr(stage, "torch_compile", False) is True, attn=attn,
+        reference=reference, impl=impl,
         loss_path="auto" if getattr(stage, "chunked_loss", True) else "full_logits")
     values.update(overrides)
     return Setup(**values)

@@ -51,7 +51,7 @@ from lmpipeline.errors import NonFiniteLossError, UserError
 from lmpipeline.launch import sharded
 from lmpipeline.launch.heartbeat import Heartbeat
 from lmpipeline.train import checkpoint as ckpt_io
-from lmpipeline.train.optim import build_optimizer, build_scheduler
+from lmpipeline.train.optim import build_optimizer, build_scheduler, planned_steps
 from lmpipeline.train.runtime import collective_timeout_s, is_sharded
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,7 @@ def train(
     if micro_per_epoch == 0:
         raise UserError("no training batches: the dataset is empty after filtering", key="dataset_name_or_path")
     per_step = ga * world
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / per_step))
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = planned_steps(cfg, micro_per_epoch, world)
 
     # micro_batch_tokens: say what regrouping does to the first steps (nothing to say for one micro-batch
     # per step that no step splits).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmpipeline.config.schema import GPU_ONLY_OPTIMIZERS, TrainStageConfig
@@ -45,3 +47,10 @@ def build_scheduler(optimizer, stage: TrainStageConfig, total_steps: int):
 
     warmup = stage.warmup_steps or int(round(stage.warmup_ratio * total_steps))
     return get_scheduler(stage.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def planned_steps(cfg, micro_batches_per_epoch: int, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in all): max_steps when set, else the epochs' worth."""
+    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / (cfg.gradient_accumulation_steps * world)))
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    return steps_per_epoch, total

@@ -127,3 +127,56 @@ def test_eager_rounding_makes_the_compiled_forwards_agree():
                                        for a, b in ((reference, policy), (policy, eager))]
     assert differences[True] == [0.0, 0.0]
     assert differences[False][0] > 0  # the control: without it the two graphs round differently
+
+
+def _stage(**fields):
+    from lmpipeline.config.schema import SFTConfig
+
+    base = dict(stage_name="sft", output_dir="out", bf16=True, per_device_train_batch_size=2,
+                gradient_accumulation_steps=4, num_train_epochs=1)
+    return SFTConfig(**{**base, **fields})
+
+
+def test_torch_compile_auto_compiles_only_long_measured_runs():
+    """auto compiles where the bench measured it faster (LoRA/QLoRA, bf16, one CUDA GPU) and only for runs long
+    enough to repay the one-off compile; every other case stays eager and says why."""
+    from lmpipeline.models.compile import COMPILE_MIN_STEPS, compile_by_default
+
+    long, short = COMPILE_MIN_STEPS, COMPILE_MIN_STEPS - 1
+    assert compile_by_default(_stage(), optimizer_steps=long, cuda=True, processes=1)[0]
+    assert compile_by_default(_stage(use_4bit=True), optimizer_steps=long, cuda=True, processes=1)[0]
+    cases = {
+        "no CUDA GPU": (_stage(), long, False, 1),
+        "optimizer steps": (_stage(), short, True, 1),
+        "only LoRA and 4-bit": (_stage(use_8bit=True), long, True, 1),
+        "only LoRA": (_stage(use_lora=False), long, True, 1),
+        "only bf16": (_stage(bf16=False), long, True, 1),
+        "2 processes": (_stage(), long, True, 2),
+    }
+    for reason, (cfg, steps, cuda, processes) in cases.items():
+        on, why = compile_by_default(cfg, optimizer_steps=steps, cuda=cuda, processes=processes)
+        assert not on and reason in why, (reason, why)
+
+
+def test_torch_compile_auto_counts_the_runs_optimizer_steps(monkeypatch, caplog):
+    """The stage resolves auto from its data: rows per epoch / micro-batch / GA x epochs, or max_steps."""
+    import logging
+
+    from lmpipeline.models import speedups
+    from lmpipeline.models.compile import COMPILE_MIN_STEPS
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rows_for = lambda steps: steps * 2 * 4  # noqa: E731 - micro-batch 2 x GA 4 rows per step, one epoch
+    assert _stage().torch_compile == "auto"
+    with caplog.at_level(logging.INFO, logger="lmpipeline.models.speedups"):
+        assert speedups.resolve_torch_compile(_stage(), rows_for(COMPILE_MIN_STEPS)).torch_compile is True
+    assert f"torch_compile (auto): on, {COMPILE_MIN_STEPS} optimizer steps" in caplog.text
+    assert speedups.resolve_torch_compile(_stage(), rows_for(COMPILE_MIN_STEPS) - 8).torch_compile is False
+    assert speedups.resolve_torch_compile(_stage(num_train_epochs=2), rows_for(COMPILE_MIN_STEPS // 2)).torch_compile
+    assert speedups.resolve_torch_compile(_stage(max_steps=20), rows_for(10_000)).torch_compile is False
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert speedups.resolve_torch_compile(_stage(), rows_for(10_000)).torch_compile is False
+    # an explicit choice is kept as given
+    assert speedups.resolve_torch_compile(_stage(torch_compile=True), 8).torch_compile is True
+    assert speedups.resolve_torch_compile(_stage(torch_compile="false"), 10**6).torch_compile is False
