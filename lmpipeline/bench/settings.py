@@ -21,9 +21,11 @@ def _ours(batch: int, ga: int, checkpointing: bool, **options) -> dict:
     """SFTConfig/DPOConfig fields of one of our settings. The micro-batches run as named (micro_batch_tokens
     off, padded unless padding_free or packing is named) unless the setting says otherwise: the names say
     batch x GA, and the earlier rows were measured so, before regrouping and padding_free: auto became
-    the defaults."""
+    the defaults. Layers run eager unless the setting compiles them: a bench run is shorter than the 300
+    steps from which `torch_compile: auto` compiles, and the -compile rows show what such a run gets."""
     options.setdefault("micro_batch_tokens", None)
     options.setdefault("padding_free", False)
+    options.setdefault("torch_compile", False)
     return dict(per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
                 gradient_checkpointing=checkpointing, **options)
 
@@ -38,6 +40,13 @@ def _dpo(batch: int, ga: int, checkpointing: bool, **options) -> dict:
 def _trl(batch: int, ga: int, checkpointing: bool, **options) -> dict:
     """Our names for TRL's options, translated in measure.run_trl (packing, liger, use_4bit)."""
     return dict(batch=batch, ga=ga, gradient_checkpointing=checkpointing, **options)
+
+
+def _qlora_shared_compiled(budget: int) -> tuple[str, dict]:
+    return (f"QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most {budget:,} tokens, prompt shared, "
+            "checkpointing, reference precomputed, torch.compile",
+            _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
+                 micro_batch_tokens=budget, share_prompt=True))
 
 
 PACKED = dict(packing=True)
@@ -94,7 +103,8 @@ SFT = {
                        dict(**NF4, per_device_train_batch_size="auto", global_batch_size=8,
                             gradient_checkpointing="auto", micro_batch_tokens=None, padding_free=False)),
         "qlora-seed-defaults": ("QLoRA NF4, the seed's 2 x GA 4 with checkpointing, and lmpipeline's defaults "
-                                "(padding_free: auto, micro_batch_tokens: auto regroups each step's 8 rows)",
+                                "(padding_free: auto, micro_batch_tokens: auto regroups each step's 8 rows; eager, as "
+                                "torch_compile: auto leaves a run this short)",
                                 _ours(2, 4, True, **NF4, micro_batch_tokens="auto", padding_free="auto")),
         "qlora-seed-defaults-compile": ("QLoRA NF4, the seed's 2 x GA 4 with checkpointing, lmpipeline's defaults, "
                                         "torch.compile", _ours(2, 4, True, **NF4, micro_batch_tokens="auto",
@@ -141,16 +151,16 @@ DPO = {
                                       _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
                                            micro_batch_tokens=3072)),
         "qlora-seed-defaults": ("QLoRA NF4, the seed's 2 pairs x GA 4 with checkpointing, and lmpipeline's "
-                                "defaults (varlen, prompt shared, micro_batch_tokens: auto)",
+                                "defaults (varlen, prompt shared, micro_batch_tokens: auto; eager, as torch_compile: auto "
+                                "leaves a run this short)",
                                 _dpo(2, 4, True, **NF4, micro_batch_tokens="auto", share_prompt=True)),
         "qlora-shared-2048": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 tokens, "
                               "prompt shared by chosen and rejected, checkpointing, reference precomputed (eager)",
                               _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, micro_batch_tokens=2048,
                                    share_prompt=True)),
-        "qlora-shared-2048-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 "
-                                      "tokens, prompt shared, checkpointing, reference precomputed, torch.compile",
-                                      _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
-                                           micro_batch_tokens=2048, share_prompt=True)),
+        # The shared-prompt QLoRA row at several micro-batch token budgets (the 3.5 GiB target's memory
+        # moves with the budget; bench/README.md, 2026-12-03 calls 16-21).
+        **{f"qlora-shared-{budget}-compile": _qlora_shared_compiled(budget) for budget in (2048, 3072, 3328, 3584)},
         "qlora-shared-auto-compile": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 4,096 "
                                       "tokens (auto), prompt shared, checkpointing, reference precomputed, "
                                       "torch.compile", _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True,
