@@ -990,6 +990,16 @@ def rows_seen(stage, profile: TokenProfile, kind: str) -> int | None:
     return by_steps or by_rows
 
 
+def _compile_decision(stage, total_steps: int | None, world: int) -> str:
+    """`torch_compile: auto` as the stage will resolve it on a CUDA GPU (models/compile.compile_by_default)."""
+    from lmpipeline.models.compile import compile_by_default
+
+    if total_steps is None:
+        return "decided from the run's length once the data is read (compiles from 300 optimizer steps)"
+    on, why = compile_by_default(stage, optimizer_steps=total_steps, cuda=True, processes=world)
+    return f"{str(on).lower()} ({why})"
+
+
 def plan_stage(stage, kind: str, arch: Architecture | None, *, device: hardware.GPU | None = None,
                torch_dtype: str = "auto", impl: str = "lmpipeline", profile: TokenProfile | None = None,
                world: int = 1) -> StagePlan:
@@ -1017,6 +1027,8 @@ def plan_stage(stage, kind: str, arch: Architecture | None, *, device: hardware.
     speed_gpu = device or hardware.gpu("h100-80gb")
     plan.time = estimate_time(arch, plan.setup, speed_gpu, plan.profile, epochs=resolved.num_train_epochs,
                               max_steps=resolved.max_steps, world=world)
+    if getattr(stage, "torch_compile", None) == "auto":  # what the stage will resolve on this GPU (planned eager)
+        plan.resolved["torch_compile"] = _compile_decision(resolved, plan.time.total_steps, world)
     if device is not None:
         plan.fits = hardware.fits(plan.memory.peak, device)
         if not plan.fits:

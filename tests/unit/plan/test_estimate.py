@@ -293,3 +293,23 @@ def test_gpus_without_the_flash_kernel_are_planned_padded(arch3b):
     assert on_h100.setup.attn == "varlen" and on_h100.setup.shared_prompt
     assert on_v100.setup.attn == "sdpa" and not on_v100.setup.padding_free and not on_v100.setup.shared_prompt
     assert on_v100.memory.peak > on_h100.memory.peak
+
+
+def test_the_plan_says_what_torch_compile_auto_will_do(arch3b):
+    """auto depends on the run's length: the plan names the decision its step count leads to, and plans the
+    memory eager (the larger of the two)."""
+    from lmpipeline.config.schema import SFTConfig
+    from lmpipeline.plan.estimate import plan_stage
+
+    profile = TokenProfile(rows=40_000, mean_tokens=300, lengths=[120, 200, 350, 500, 800] * 20, source="test")
+    common = dict(stage_name="sft", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl", bf16=True,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=1)
+    gpu = hardware.gpu("h100-80gb")
+    long = plan_stage(SFTConfig(**common), "sft", arch3b, device=gpu, profile=profile)
+    assert long.time.total_steps == 5_000
+    assert long.resolved["torch_compile"].startswith("true (5,000 optimizer steps")
+    assert not long.setup.compiled
+    pilot = plan_stage(SFTConfig(**common, max_steps=20), "sft", arch3b, device=gpu, profile=profile)
+    assert pilot.resolved["torch_compile"].startswith("false (20 optimizer steps")
+    explicit = plan_stage(SFTConfig(**common, torch_compile=True), "sft", arch3b, device=gpu, profile=profile)
+    assert "torch_compile" not in explicit.resolved and explicit.setup.compiled
