@@ -99,6 +99,7 @@ from lmpipeline.methods.sft import _log_trainable, save_final
 from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.models import loading
 from lmpipeline.models.speedups import TrainingSpeedups, resolve_torch_compile
+from lmpipeline.plan import autofit
 from lmpipeline.train.loop import autocast_for, train
 from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
 
@@ -526,6 +527,11 @@ class DPOStage:
             log.warning("simpo_gamma is only used by loss_type: simpo; loss_type is %s", cfg.loss_type)
 
         start = resolve_start(cfg, model_name_or_path, previous) if model is None else StartPoint(base=None)
+        if autofit.has_auto(cfg):
+            # Python API use (the pipeline resolves these first): auto values and the GPU fit check,
+            # before data batching and weight loading, so nothing below sees `auto`.
+            cfg, _, _ = autofit.prepare_stage(cfg, "dpo", model=start.base, torch_dtype=torch_dtype)
+            self.config = cfg
         if start.stack is not None and not cfg.use_lora:
             raise UserError("from_previous_stage: stack trains a second adapter and needs use_lora: true",
                             key=self._key("from_previous_stage"),
@@ -680,7 +686,7 @@ def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, layout: str) -
             "attn_implementation": cfg.attn_implementation, "layout": layout, "bf16": cfg.bf16, "fp16": cfg.fp16,
             "torch_compile": cfg.torch_compile, "use_liger_kernel": cfg.use_liger_kernel,
             # compiled layers round as eager since 2026-12-03 (models/compile.EAGER_ROUNDING): older caches differ
-            "compiled_rounding": "eager" if cfg.torch_compile else None}
+            "compiled_rounding": "eager" if cfg.torch_compile is True else None}
 
 
 def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:

@@ -629,6 +629,20 @@ def test_the_stage_says_its_pair_layout_and_when_share_prompt_cannot_apply(world
     assert padded.layout == "padded" and "share_prompt needs varlen attention" in caplog.text
 
 
+def test_the_python_api_resolves_auto_values_before_training(world, tmp_path, caplog):
+    """DPOStage(config).execute without the pipeline: per_device_train_batch_size and torch_compile auto
+    become concrete values (here on the CPU: the default micro-batch within the global batch, eager)."""
+    caplog.set_level(logging.INFO, logger="lmpipeline.models.speedups")
+    stage = DPOStage(make_cfg(world, tmp_path / "auto", per_device_train_batch_size="auto", global_batch_size=8,
+                              max_steps=1))
+    result = stage.execute(model_name_or_path=str(world["model_dir"]))
+    cfg = stage.config
+    assert isinstance(cfg.per_device_train_batch_size, int)
+    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 8
+    assert cfg.torch_compile is False and "torch_compile (auto): off, no CUDA GPU" in caplog.text
+    assert result.global_step == 1
+
+
 def test_reference_cache_key_follows_the_kernels():
     """An eager run's cached reference must not serve a compiled (or Liger-patched) run: their forwards
     round differently, and policy != reference at step 0 would shift the whole loss curve."""
