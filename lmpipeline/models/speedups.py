@@ -9,7 +9,8 @@
   only costs two activation-sized copies per adapted module (the largest "other" kernels in
   bench/profile_step.py's H100 profile: 11% of GPU time) and one saved copy per module for the
   backward (a norm's output, shared by q/k/v, was saved three times).
-- torch.compile of the decoder layers (`torch_compile`, models/compile.py).
+- torch.compile of the decoder layers (`torch_compile`, models/compile.py; `auto` is decided per run by
+  resolve_torch_compile from the run's length and what was measured).
 
 Each is undone on exit, because the same model may go on to generate (left padding, no autocast).
 Measured effects: bench/README.md.
