@@ -27,7 +27,7 @@ from lmpipeline.data.types import (
     TokenizedExample,
 )
 from lmpipeline.errors import UserError
-from lmpipeline.models.compile import static_max_length
+from lmpipeline.models.compile import shaped_for_layers
 from lmpipeline.train.loop import BatchPlan
 
 log = logging.getLogger(__name__)
@@ -295,8 +295,7 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
             return [[i for b in order[s:s + bsz] for i in bins[b]] for s in range(0, len(order), bsz)]
 
         def collate(idx: list[int]) -> dict:
-            batch = packing.collate_packed([train[i] for i in idx])
-            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile is True else batch
+            return shaped_for_layers(packing.collate_packed([train[i] for i in idx]), cfg)
     else:
         def epoch_batches(epoch: int) -> list[list[int]]:
             order = _shuffled(len(train), cfg.seed + epoch)
@@ -306,8 +305,7 @@ def make_batch_plans(cfg: TrainStageConfig, data: SFTData, tokenizer, *, rank: i
             examples = [train[i] for i in idx]
             if cfg.padding_free is not True:  # "auto" is resolved by the stage (it needs the model)
                 return packing.collate_padded(examples, pad_id)
-            batch = packing.collate_packed(examples)
-            return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile is True else batch
+            return shaped_for_layers(packing.collate_packed(examples), cfg)
 
     def describe(idx: list[int]) -> list[str]:
         return [str(train[i].source) if train[i].source else f"example {i}" for i in idx]

@@ -66,7 +66,7 @@ from lmpipeline.data.types import (
     TokenizedPair,
 )
 from lmpipeline.errors import UserError
-from lmpipeline.models.compile import static_max_length
+from lmpipeline.models.compile import shaped_for_layers
 from lmpipeline.train.loop import BatchPlan
 
 log = logging.getLogger(__name__)
@@ -433,11 +433,7 @@ def pair_collator(cfg: DPOConfig, tokenizer, layout: str):
         return lambda pairs, ref=None: collate_pairs(pairs, pad_id, ref)
     collate_packed = collate_pairs_shared if layout == "shared" else collate_pairs_packed
 
-    def collate(pairs, ref=None):
-        batch = collate_packed(pairs, ref)
-        return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile is True else batch
-
-    return collate
+    return lambda pairs, ref=None: shaped_for_layers(collate_packed(pairs, ref), cfg)
 
 
 def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int = 0, world: int = 1, *,

@@ -142,6 +142,12 @@ def uncompile_decoder_layers(model) -> None:
         _restore_capture_hooks(layer)
 
 
+def shaped_for_layers(batch: dict, cfg) -> dict:
+    """A packed batch as the run's decoder layers take it: static_max_length to max_seq_length when they are
+    compiled (`torch_compile` true; auto is resolved by the stage before batches are made), else as is."""
+    return static_max_length(batch, cfg.max_seq_length) if cfg.torch_compile is True else batch
+
+
 def static_max_length(batch: dict, bound: int) -> dict:
     """A packed batch whose `max_length` is the fixed `bound` instead of its longest example. The varlen
     kernel only uses it to size its grid (blocks past an example's end exit at once), and a value that
