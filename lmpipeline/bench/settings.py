@@ -151,8 +151,8 @@ DPO = {
                                       _dpo(2, 4, True, **NF4, precompute_ref_log_probs=True, torch_compile=True,
                                            micro_batch_tokens=3072)),
         "qlora-seed-defaults": ("QLoRA NF4, the seed's 2 pairs x GA 4 with checkpointing, and lmpipeline's "
-                                "defaults (varlen, prompt shared, micro_batch_tokens: auto; eager, as torch_compile: auto "
-                                "leaves a run this short)",
+                                "defaults (varlen, prompt shared, micro_batch_tokens: auto; eager, as "
+                                "torch_compile: auto leaves a run this short)",
                                 _dpo(2, 4, True, **NF4, micro_batch_tokens="auto", share_prompt=True)),
         "qlora-shared-2048": ("QLoRA NF4, 2 pairs x GA 4 regrouped into micro-batches of at most 2,048 tokens, "
                               "prompt shared by chosen and rejected, checkpointing, reference precomputed (eager)",

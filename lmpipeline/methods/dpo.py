@@ -16,8 +16,9 @@ read by both replies (share_prompt; data/preference.py's layouts), and the log-p
 is the sum over its COMPLETION tokens only (the prompt and the padding never count). When the
 model's logits are lm_head(last hidden state) (checked once on a real row; Llama, Qwen, Mistral,
 Phi... but not Gemma-2's soft-capping), only completion positions go through the LM head, in chunks,
-with a recomputing backward (`TokenLogps`): no [rows, length, vocab] logits are ever held. Otherwise the model's logits are read with
-cross_entropy from the first position that predicts a completion token onwards (`logits_to_keep`).
+with a recomputing backward (`TokenLogps`): no [rows, length, vocab] logits are ever held. Otherwise
+the model's logits are read with cross_entropy from the first position that predicts a completion
+token onwards (`logits_to_keep`).
 On the anchor benchmark (random Llama-3.2-3B, 2 x GA 4, length <= 1024, H100) the fused path took
 peak memory from 10.8 to 6.5 GiB (QLoRA) and from 12.5 to 8.0 GiB (bf16 LoRA).
 

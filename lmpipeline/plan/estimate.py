@@ -992,10 +992,10 @@ def rows_seen(stage, profile: TokenProfile, kind: str) -> int | None:
 
 def _compile_decision(stage, total_steps: int | None, world: int) -> str:
     """`torch_compile: auto` as the stage will resolve it on a CUDA GPU (models/compile.compile_by_default)."""
-    from lmpipeline.models.compile import compile_by_default
+    from lmpipeline.models.compile import COMPILE_MIN_STEPS, compile_by_default
 
     if total_steps is None:
-        return "decided from the run's length once the data is read (compiles from 300 optimizer steps)"
+        return f"decided from the run's length once the data is read (compiles from {COMPILE_MIN_STEPS} optimizer steps)"
     on, why = compile_by_default(stage, optimizer_steps=total_steps, cuda=True, processes=world)
     return f"{str(on).lower()} ({why})"
 
