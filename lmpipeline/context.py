@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The run record every run folder holds (written by pipeline.py, read by eval, merge, package, report).
+RUN_FILE = "run.json"
+
 
 @dataclass
 class StageResult:
@@ -31,6 +34,8 @@ class StageOutput:
     final_dir: Path | None
     adapter: bool
     metrics: dict = field(default_factory=dict)
+    # True for a training stage (one of lmpipeline/methods); merge also leaves a model but trained nothing.
+    trained: bool = True
 
 
 @dataclass
@@ -44,8 +49,9 @@ class RunContext:
     completed: list[StageOutput] = field(default_factory=list)
 
     def latest_model(self) -> StageOutput | None:
-        """The most recent stage that produced a model (adapter or full weights)."""
+        """The most recent stage that produced a model (adapter or full weights: a training stage or a merge;
+        eval and package leave no final folder)."""
         for out in reversed(self.completed):
-            if out.final_dir is not None and out.kind in ("sft", "dpo", "merge"):
+            if out.final_dir is not None:
                 return out
         return None

@@ -30,16 +30,23 @@ from pathlib import Path
 
 from lmpipeline.config.loader import key_location
 from lmpipeline.config.schema import STAGE_ALIASES, PipelineConfig
-from lmpipeline.context import RunContext, StageOutput, StageResult
+from lmpipeline.context import RUN_FILE, RunContext, StageOutput, StageResult
 from lmpipeline.errors import OutputExistsError, UserError
-from lmpipeline.models.loading import check_model_reference
+from lmpipeline.evaluate.stage import EvalStage
+from lmpipeline.export.merge import MergeStage
+from lmpipeline.export.package import PackageStage
+from lmpipeline.methods import method_for
+from lmpipeline.models.loading import check_model_reference, load_tokenizer
+from lmpipeline.plan.stage_plan import prepare_stage
+from lmpipeline.report.html import write_report
+from lmpipeline.secrets import redact
 from lmpipeline.train.loop import Preempted
-from lmpipeline.train.runtime import SECRET_ENV, distributed_state, shutdown_distributed
+from lmpipeline.train.runtime import distributed_state, shutdown_distributed
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-TRAINING_KINDS = ("sft", "dpo")
+# The stages that follow training, by kind; training stages are the method table's (lmpipeline/methods).
+LIFECYCLE_STAGES = {"eval": EvalStage, "merge": MergeStage, "package": PackageStage}
 
 
 def _now() -> str:
@@ -64,22 +71,6 @@ def git_commit(path: Path) -> str | None:
         return r.stdout.strip() or None if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def redact(obj):
-    """Replace any secret value from the environment wherever it appears in `obj`."""
-    secrets = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
-    if not secrets:
-        return obj
-    if isinstance(obj, str):
-        for s in secrets:
-            obj = obj.replace(s, "***")
-        return obj
-    if isinstance(obj, dict):
-        return {k: redact(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    return obj
 
 
 class RunRecord:
@@ -144,41 +135,31 @@ def completed_stages(record: dict) -> list[StageOutput]:
     """The finished stages of a run record, in order, as later stages see them."""
     return [
         StageOutput(name, e.get("kind", ""), Path(e["final_dir"]) if e.get("final_dir") else None,
-                    bool(e.get("adapter")), e.get("metrics") or {})
+                    bool(e.get("adapter")), e.get("metrics") or {}, trained=bool(e.get("trained")))
         for name, e in record["stages"].items() if e.get("status") == "done"
     ]
 
 
 def run_stage(kind: str, stage_cfg, cfg: PipelineConfig, out: Path, record: dict, *, resume: bool) -> StageResult:
-    """Run one stage. Training stages start from the latest model-producing stage (or the base)."""
+    """Run one stage. Training stages start from the latest model-producing stage (or the base): a method
+    that continues (start "continue") loads that model as it is; one that chains (start "chain") gets the
+    base and the earlier stage, whose adapters it merges or stacks under its own."""
     ctx = RunContext(run_dir=out, base_model=cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path,
                      torch_dtype=cfg.torch_dtype, completed=completed_stages(record))
-    if kind in ("eval", "merge", "package"):
-        from lmpipeline.evaluate.stage import EvalStage
-        from lmpipeline.export.merge import MergeStage
-        from lmpipeline.export.package import PackageStage
-
-        return {"eval": EvalStage, "merge": MergeStage, "package": PackageStage}[kind](stage_cfg).execute(ctx)
-
-    from lmpipeline.models.loading import load_tokenizer
-
+    method = method_for(kind)
+    if method is None:
+        return LIFECYCLE_STAGES[kind](stage_cfg).execute(ctx)
     previous = ctx.latest_model()
     tokenizer_name = cfg.tokenizer_name_or_path or (str(previous.final_dir) if previous else cfg.model_name_or_path)
     tokenizer = load_tokenizer(tokenizer_name, eos_token=stage_cfg.eos_token, pad_token=stage_cfg.pad_token,
                                trust_remote_code=stage_cfg.trust_remote_code)
-    if kind == "sft":
-        from lmpipeline.methods.sft import SFTStage
-
-        # A later SFT stage continues from the previous model (an adapter folder names its own base).
-        start = str(previous.final_dir) if previous else cfg.model_name_or_path
-        return SFTStage(stage_cfg).execute(tokenizer=tokenizer, model_name_or_path=start,
-                                           torch_dtype=cfg.torch_dtype, resume=resume)
-    if kind == "dpo":
-        from lmpipeline.methods.dpo import DPOStage
-
-        return DPOStage(stage_cfg).execute(tokenizer=tokenizer, model_name_or_path=cfg.model_name_or_path,
-                                           torch_dtype=cfg.torch_dtype, resume=resume, previous=previous)
-    raise UserError(f"unknown stage kind `{kind}`", key="stages")
+    stage = method.stage(stage_cfg)
+    if method.start == "chain":
+        return stage.execute(tokenizer=tokenizer, model_name_or_path=cfg.model_name_or_path,
+                             torch_dtype=cfg.torch_dtype, resume=resume, previous=previous)
+    # A later stage continues from the previous model (an adapter folder names its own base).
+    start = str(previous.final_dir) if previous else cfg.model_name_or_path
+    return stage.execute(tokenizer=tokenizer, model_name_or_path=start, torch_dtype=cfg.torch_dtype, resume=resume)
 
 
 def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwrite: bool = False,
@@ -209,10 +190,11 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
 
     for name in cfg.stages:
         kind = STAGE_ALIASES[name]
+        method = method_for(kind)
         if state.num_processes > 1:
-            if kind not in TRAINING_KINDS and not is_main:
+            if method is None and not is_main:
                 continue  # eval, merge and package run on the main process only
-            if kind in TRAINING_KINDS:
+            if method is not None:
                 state.wait_for_everyone()  # the main process may still be in an eval/merge stage
                 if not is_main and record_path.exists():
                     # Stages only the main process ran (a merge) are known from its run.json.
@@ -229,8 +211,9 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
         record.data["stages"][name] = entry
         record.save()
         log.info("[%s] starting (%s)", name, kind)
-        if kind in TRAINING_KINDS:
-            stage_cfg = _fit_stage(stage_cfg, kind, cfg, record.data, entry)
+        if method is not None:
+            entry["trained"] = True
+            stage_cfg = _fit_stage(stage_cfg, method, cfg, record.data, entry)
             record.save()
         try:
             result = run_stage(kind, stage_cfg, cfg, out, record.data, resume=resume)
@@ -257,12 +240,10 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
     return record.data
 
 
-def _fit_stage(stage_cfg, kind: str, cfg: PipelineConfig, record: dict, entry: dict):
+def _fit_stage(stage_cfg, method, cfg: PipelineConfig, record: dict, entry: dict):
     """Resolve `auto` values and check the stage fits the GPU before any weight loads
-    (lmpipeline/plan/autofit.py); resolved values go to run.json's derived, the estimate to the stage entry."""
-    from lmpipeline.plan.autofit import prepare_stage
-
-    resolved, derived, estimate = prepare_stage(stage_cfg, kind, model=cfg.model_name_or_path, preset=cfg.preset,
+    (lmpipeline/plan/stage_plan.py); resolved values go to run.json's derived, the estimate to the stage entry."""
+    resolved, derived, estimate = prepare_stage(stage_cfg, method, model=cfg.model_name_or_path, preset=cfg.preset,
                                                 torch_dtype=cfg.torch_dtype)
     for key, value in derived.items():
         record.setdefault("derived", {})[f"stage_configs.{stage_cfg.stage_name}.{key}"] = value
@@ -296,8 +277,6 @@ def _prepare_on_main(state, out: Path, *, overwrite: bool, resume: bool) -> None
 def _write_report(out: Path) -> None:
     # The report is a view of the run; failing to draw it must not fail a finished run.
     try:
-        from lmpipeline.report.html import write_report
-
         log.info("report: %s", write_report(out))
     except Exception as e:  # noqa: BLE001
         log.warning("report.html could not be written: %s", e)

@@ -1,6 +1,6 @@
 """Benchmark models and data: random weights of real architectures, synthetic token streams.
 
-Models: the architecture configs shipped in lmpipeline/plan/model_configs/ with random weights (speed
+Models: the architecture configs shipped in lmpipeline/config/model_configs/ with random weights (speed
 and memory do not depend on the values) and a word-level tokenizer in which the word "w<i>" is token
 i, so token ids and text map one to one and TRL (which takes text for DPO) sees the same tokens as we do.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmpipeline.plan.presets import MODEL_CONFIG_DIR, resolve_architecture
+from lmpipeline.config.presets import MODEL_CONFIG_DIR, resolve_architecture
 
 # bench name -> architecture config folder ("tiny": the embedded test model's shapes, for CPU runs)
 ARCHITECTURES = {

@@ -11,7 +11,9 @@ import argparse
 import json
 
 from lmpipeline.plan import hardware
-from lmpipeline.plan.estimate import GIB, StagePlan, _g, _n, fmt_seconds
+from lmpipeline.methods import method_for
+from lmpipeline.plan.estimate import GIB, _g, _n, fmt_seconds
+from lmpipeline.plan.stage_plan import StagePlan, plan_config
 
 
 def _describe_setup(plan: StagePlan) -> str:
@@ -24,7 +26,8 @@ def _describe_setup(plan: StagePlan) -> str:
     else:
         method = f"full fine-tuning ({_n(m.trainable)} trainable)"
     plural = "" if s.micro_batch == 1 else "s"
-    rows = f"{s.micro_batch} pair{plural} (2 rows each)" if s.kind == "dpo" else f"{s.micro_batch} row{plural}"
+    per = s.terms.rows_per_unit
+    rows = f"{s.micro_batch} {s.terms.unit}{plural}" + (f" ({per} rows each)" if per > 1 else "")
     if s.packing:
         layout = "packed"
     elif s.padding_free:  # varlen rows: the examples (DPO: the pairs' sequences) end to end, no padding
@@ -41,7 +44,7 @@ def _describe_setup(plan: StagePlan) -> str:
 
 
 def format_plan(plan: StagePlan) -> str:
-    lines = [f"[{plan.name}] {plan.kind} stage"]
+    lines = [f"[{plan.name}] {plan.method.name} stage"]
     if plan.reason:
         lines.append(f"  no estimate: {plan.reason}")
         lines += [f"  note: {n}" for n in plan.notes]
@@ -97,7 +100,6 @@ def estimate_command(config: str, overrides: list[str], *, gpu: str | None = Non
                      read_data: bool = True) -> int:
     from lmpipeline.config.loader import load_config
     from lmpipeline.errors import UserError
-    from lmpipeline.plan.estimate import plan_config
 
     cfg = load_config(config, overrides)
     device = None
@@ -106,7 +108,7 @@ def estimate_command(config: str, overrides: list[str], *, gpu: str | None = Non
             device = hardware.gpu(gpu)
         except ValueError as e:
             raise UserError(str(e), key="--gpu") from None
-    plans = plan_config(cfg, device=device, read_data=read_data)
+    plans = plan_config(cfg, method_for, device=device, read_data=read_data)
     if as_json:
         print(json.dumps([p.as_dict() for p in plans], indent=2, default=str))
     else:

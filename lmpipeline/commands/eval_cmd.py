@@ -46,13 +46,13 @@ def eval_command(path: str, *, golden: str | None = None, data: str | None = Non
         names = spec.stage_names[-len(spec.adapters):] if spec.adapters else [spec.label]
         if spec.adapters:
             base = spec.base
-            completed = [StageOutput(n, "sft", a, True) for n, a in zip(names, spec.adapters)]
+            completed = [StageOutput(n, "adapter", a, True) for n, a in zip(names, spec.adapters)]
         else:
             # A merged model names its base in merge_info.json; any other full model needs --base-model.
             info = Path(spec.base) / "merge_info.json"
             merged_from = json.loads(info.read_text()).get("base_model") if info.is_file() else None
             base = base_model or merged_from or spec.base
-            completed = [StageOutput(spec.label, "sft", Path(spec.base), False)]
+            completed = [StageOutput(spec.label, "model", Path(spec.base), False)]
             compare_base = compare_base and (base_model or merged_from) is not None
         out = Path(output_dir) if output_dir else p.resolve().parent / f"{spec.label}-evaluation"
         run_dir = out  # no run.json there: the stage chains the entries above

@@ -12,8 +12,10 @@ import statistics
 import sys
 
 from lmpipeline.config.loader import load_config
-from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
+from lmpipeline.data import masking, packing
 from lmpipeline.errors import UserError
+from lmpipeline.methods import method_for
+from lmpipeline.models.loading import load_tokenizer
 
 
 def _length_stats(lengths: list[int]) -> str:
@@ -26,60 +28,51 @@ def _length_stats(lengths: list[int]) -> str:
 
 
 def inspect_command(config: str, overrides: list[str], *, stage: str | None, n: int, as_jsonl: bool, packed: bool) -> int:
-    from lmpipeline.data import masking, packing
-    from lmpipeline.models.loading import load_tokenizer
-
     cfg = load_config(config, overrides)
-    name = stage or next((s for s in cfg.stages if STAGE_ALIASES[s] in TRAINING_KINDS), None)
-    if name is None or name not in cfg.stages or STAGE_ALIASES[name] not in TRAINING_KINDS:
+    name = stage or next((s for s in cfg.stages if method_for(s) is not None), None)
+    if name is None or name not in cfg.stages or method_for(name) is None:
         raise UserError(f"no training stage `{stage}` in this config; stages: {', '.join(cfg.stages)}", key="--stage")
+    method = method_for(name)
     stage_cfg = cfg.stage(name)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, eos_token=stage_cfg.eos_token,
                                pad_token=stage_cfg.pad_token, trust_remote_code=stage_cfg.trust_remote_code)
     color = sys.stdout.isatty() and not as_jsonl
 
-    if STAGE_ALIASES[name] == "dpo":
-        from lmpipeline.data.preference import build_preference_data, pair_as_example
-
-        pairs = build_preference_data(stage_cfg, tokenizer).train
-        for pair in pairs[:n]:
-            chosen = pair_as_example(pair, "chosen")
-            rejected = pair_as_example(pair, "rejected")
-            if as_jsonl:
-                print(json.dumps({"source": str(pair.source), "chosen_input_ids": chosen.input_ids, "chosen_labels": chosen.labels,
-                                  "rejected_input_ids": rejected.input_ids, "rejected_labels": rejected.labels}))
+    view = method.inspect(stage_cfg, tokenizer, n)
+    for source, note, rows in view.items:
+        if as_jsonl:
+            record = {"source": source}
+            for label, ex in rows:
+                prefix = f"{label}_" if label else ""
+                record.update({f"{prefix}input_ids": ex.input_ids, f"{prefix}labels": ex.labels})
+            print(json.dumps(record))
+            continue
+        for i, (label, ex) in enumerate(rows):
+            if i == 0:
+                print(f"=== {source}" + (f"  {note}" if note else "") + (f" — {label}" if label else ""))
             else:
-                print(f"=== {pair.source} — chosen")
-                print(masking.render_tokens(chosen, tokenizer, color=color))
-                print("--- rejected")
-                print(masking.render_tokens(rejected, tokenizer, color=color))
-        if not as_jsonl:
-            print(_length_stats([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]))
-        return 0
-
-    from lmpipeline.data.build import build_sft_data
-
-    data = build_sft_data(stage_cfg, tokenizer)
-    for ex in data.train[:n]:
-        if as_jsonl:
-            print(json.dumps({"source": str(ex.source), "input_ids": ex.input_ids, "labels": ex.labels}))
-        else:
-            print(f"=== {ex.source}  ({len(ex)} tokens, {ex.num_trained} trained)")
+                print(f"--- {label}")
             print(masking.render_tokens(ex, tokenizer, color=color))
-    if packed:
-        bins = packing.pack_bfd([len(e) for e in data.train], stage_cfg.max_seq_length)
-        first = [data.train[i] for i in bins[0]]
-        batch = packing.collate_packed(first)
-        if as_jsonl:
-            print(json.dumps({"packed": True, "input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist(),
-                              "position_ids": batch["position_ids"][0].tolist()}))
-        else:
-            print(f"=== packed row: {len(first)} examples, {batch['input_ids'].shape[1]} tokens "
-                  f"(capacity {stage_cfg.max_seq_length}); position_ids restart at each example")
-            for ex in first:
-                print(masking.render_tokens(ex, tokenizer, color=color))
-                print("  |-- next example (cannot attend to the previous one) --|")
+    if packed and method.terms.packs_rows and view.data is not None:
+        _print_packed_row(view.data, stage_cfg, tokenizer, color=color, as_jsonl=as_jsonl)
     if not as_jsonl:
-        print(_length_stats([len(e) for e in data.train]))
-        print(f"data: {data.summary()}")
+        print(_length_stats(view.lengths))
+        if view.summary:
+            print(view.summary)
     return 0
+
+
+def _print_packed_row(data, stage_cfg, tokenizer, *, color: bool, as_jsonl: bool) -> None:
+    """The first packed row of the data: examples end to end, each unable to attend to the one before."""
+    bins = packing.pack_bfd([len(e) for e in data.train], stage_cfg.max_seq_length)
+    first = [data.train[i] for i in bins[0]]
+    batch = packing.collate_packed(first)
+    if as_jsonl:
+        print(json.dumps({"packed": True, "input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist(),
+                          "position_ids": batch["position_ids"][0].tolist()}))
+        return
+    print(f"=== packed row: {len(first)} examples, {batch['input_ids'].shape[1]} tokens "
+          f"(capacity {stage_cfg.max_seq_length}); position_ids restart at each example")
+    for ex in first:
+        print(masking.render_tokens(ex, tokenizer, color=color))
+        print("  |-- next example (cannot attend to the previous one) --|")

@@ -7,12 +7,13 @@ as file:line: reason, then a summary); 2 for config errors (raised as ConfigErro
 from __future__ import annotations
 
 from lmpipeline.config.loader import load_config
-from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
+from lmpipeline.data import validate
+from lmpipeline.methods import method_for
+from lmpipeline.models.loading import load_tokenizer
+from lmpipeline.pipeline import check_references
 
 
 def validate_command(config: str, overrides: list[str], *, config_only: bool = False) -> int:
-    from lmpipeline.pipeline import check_references
-
     cfg = load_config(config, overrides)
     print(f"config OK: {config} — stages {', '.join(cfg.stages)}")
     for k, v in cfg._derived.items():
@@ -21,23 +22,16 @@ def validate_command(config: str, overrides: list[str], *, config_only: bool = F
         return 0
     check_references(cfg)
 
-    from lmpipeline.data import validate
-    from lmpipeline.data.build import load_examples, needs_template, chat_template_for, tokenize_sft
-    from lmpipeline.models.loading import load_tokenizer
-
     failed = False
     for name in cfg.stages:
-        if STAGE_ALIASES[name] not in TRAINING_KINDS:
+        method = method_for(name)
+        if method is None:
             continue  # eval/merge/package read their inputs from earlier stages
         stage = cfg.stage(name)
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, eos_token=stage.eos_token,
                                    pad_token=stage.pad_token, trust_remote_code=stage.trust_remote_code)
-        # Read with on_invalid=skip so that every problem is listed, not just the first.
-        examples, eval_examples, report, fmts = load_examples(stage, on_invalid="skip")
-        if STAGE_ALIASES[name] == "sft":
-            template = chat_template_for(stage, tokenizer) if needs_template(examples) else None
-            lenient = stage.model_copy(update={"on_invalid": "skip", "on_overlong": "truncate" if stage.on_overlong == "error" else stage.on_overlong})
-            tokenize_sft(examples + (eval_examples or []), lenient, tokenizer, template, report)
+        # Read leniently (on_invalid: skip) so that every problem is listed, not just the first.
+        fmts, report = method.validate_data(stage, tokenizer)
         print(f"[{name}] data: format {'+'.join(fmts)}; {report.summary()}")
         if report.issues:
             print(validate.format_report(report, max_issues=50))

@@ -234,8 +234,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 return "--set", None
         return loc.file, lines.get(p) or loc.line(p)
 
-    # Presets (`preset:`, `model_size:`) fill only keys the file and --set left out (lmpipeline/plan/presets.py).
-    from lmpipeline.plan.presets import apply_presets
+    # Presets (`preset:`, `model_size:`) fill only keys the file and --set left out (lmpipeline/config/presets.py).
+    from lmpipeline.config.presets import apply_presets
 
     filled = apply_presets(raw)
     issues.extend(ConfigIssue(".".join(map(str, p)), msg, *where(p)) for p, msg in filled.issues)

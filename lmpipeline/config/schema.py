@@ -1,7 +1,7 @@
 """The typed config schema: one pydantic model per stage kind, and the pipeline that holds them.
 
-Field names follow seed 001's flat parameter tables (which follow TRL's SFTConfig and transformers'
-TrainingArguments), so a user's existing config keys keep their meaning. Every field has a
+Field names follow TRL's SFTConfig/DPOConfig and transformers' TrainingArguments, so a user's
+existing config keys keep their meaning. Every field has a
 description; `lmpipeline validate` and the README config reference are generated from them.
 Unknown keys are errors (extra="forbid"): a misspelt key must never be silently ignored.
 """
@@ -12,11 +12,23 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-# Stage kinds and the names that select them. `trl_sft` is seed 001's name for the SFT stage.
-STAGE_ALIASES = {
-    "trl_sft": "sft", "sft": "sft", "dpo": "dpo", "trl_dpo": "dpo",
-    "eval": "eval", "merge": "merge", "package": "package",
-}
+# Stage kinds and the names that select them. The training kinds come from the method table
+# (lmpipeline/methods/__init__.py registers each method's names and config class here); eval, merge
+# and package from config/lifecycle.py, at the end of this module.
+STAGE_ALIASES: dict[str, str] = {}
+STAGE_CONFIG_CLASSES: dict[str, type[BaseModel]] = {}
+TRAINING_KINDS: set[str] = set()
+
+
+def register_stage_kind(kind: str, names: tuple[str, ...], config_class: type[BaseModel], *, trains: bool) -> None:
+    """Make `names` select stage kind `kind`, configured by `config_class` (called by the method table)."""
+    for name in names:
+        if STAGE_ALIASES.get(name, kind) != kind:
+            raise ValueError(f"stage name {name!r} already selects {STAGE_ALIASES[name]!r}")
+        STAGE_ALIASES[name] = kind
+    STAGE_CONFIG_CLASSES[kind] = config_class
+    if trains:
+        TRAINING_KINDS.add(kind)
 
 OPTIMIZERS = (
     "adamw_torch",
@@ -329,7 +341,7 @@ def padding_free_on(cfg, varlen_runs: bool) -> bool:
 
 
 class SFTConfig(TrainStageConfig):
-    """Supervised fine-tuning (seed 000, seed 001's `trl_sft`)."""
+    """Supervised fine-tuning (stage `sft`, also selected by `trl_sft`)."""
 
     completion_only_loss: Optional[bool] = Field(
         None, description="Train only the completion of prompt/completion rows (auto: yes for them)."
@@ -344,7 +356,7 @@ class SFTConfig(TrainStageConfig):
 
 
 class DPOConfig(TrainStageConfig):
-    """Preference optimisation (seed 004): DPO and its loss family."""
+    """Preference optimisation: DPO and its loss family."""
 
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the KL anchor.")
@@ -376,12 +388,8 @@ class DPOConfig(TrainStageConfig):
     )
 
 
-STAGE_CONFIG_CLASSES: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig}
-TRAINING_KINDS = ("sft", "dpo")
-
-
 class PipelineConfig(_Strict):
-    """A whole run: the model, where outputs go, and the stages in order (seed 001's form)."""
+    """A whole run: the model, where outputs go, and the stages in order."""
 
     model_name_or_path: Optional[str] = Field(None, description="Base model: local folder or Hub id.")
     tokenizer_name_or_path: Optional[str] = Field(None, description="Tokenizer, if not the model's.")
@@ -391,7 +399,7 @@ class PipelineConfig(_Strict):
         default_factory=dict, description="Per-stage parameters, keyed by stage name."
     )
     preset: Optional[str] = Field(
-        None, description="Model family preset (llama-3.2-3b, qwen2.5-7b, gemma-2-9b, ...; lmpipeline/plan/presets): "
+        None, description="Model family preset (llama-3.2-3b, qwen2.5-7b, gemma-2-9b, ...; lmpipeline/config/presets): "
         "fills model id, precision, LoRA targets and its size class where you did not set them."
     )
     model_size: Optional[Literal["7b", "13b", "70b"]] = Field(
@@ -428,4 +436,5 @@ class PipelineConfig(_Strict):
 # Evaluation, merging and packaging stages keep their configs in their own module.
 from lmpipeline.config.lifecycle import LIFECYCLE_CONFIG_CLASSES  # noqa: E402
 
-STAGE_CONFIG_CLASSES.update(LIFECYCLE_CONFIG_CLASSES)
+for _kind, _cls in LIFECYCLE_CONFIG_CLASSES.items():
+    register_stage_kind(_kind, (_kind,), _cls, trains=False)

@@ -101,15 +101,16 @@ class RowSkipped(DataError):
         self.category = category
 
 
-# name -> (required columns, optional columns, kind). `kind` tells a stage what it can train on.
+# name -> (required columns, optional columns, family). The family tells a stage what it can train on:
+# "supervised" (SFT rows), "preference" (chosen/rejected pairs), "unpaired" (rows labelled good or bad, KTO).
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "alpaca": (("instruction", "output"), ("input", "system", "history"), "sft"),
-    "instruction_context_response": (("instruction", "context", "response"), ("system",), "sft"),
-    "instruction_response": (("instruction", "response"), ("system",), "sft"),
-    "prompt_completion": (("prompt", "completion"), ("system", "tools"), "sft"),
-    "messages": (("messages",), ("tools", "system"), "sft"),
-    "sharegpt": (("conversations",), ("tools", "system"), "sft"),
-    "text": (("<text_field>",), (), "sft"),
+    "alpaca": (("instruction", "output"), ("input", "system", "history"), "supervised"),
+    "instruction_context_response": (("instruction", "context", "response"), ("system",), "supervised"),
+    "instruction_response": (("instruction", "response"), ("system",), "supervised"),
+    "prompt_completion": (("prompt", "completion"), ("system", "tools"), "supervised"),
+    "messages": (("messages",), ("tools", "system"), "supervised"),
+    "sharegpt": (("conversations",), ("tools", "system"), "supervised"),
+    "text": (("<text_field>",), (), "supervised"),
     "column_mapping": (("<column_mapping option>",), (), "any"),
     "preference": (("chosen", "rejected"), ("prompt", "system", "tools", "score_chosen", "score_rejected"), "preference"),
     "sharegpt_preference": (("conversations", "chosen", "rejected"), ("tools", "system"), "preference"),
@@ -117,7 +118,7 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "hh_rlhf": (("chosen", "rejected"), (), "preference"),
     "ultrafeedback": (("instruction", "completions"), (), "preference"),
     "ultrafeedback_binarized": (("prompt", "chosen", "rejected", "score_chosen", "score_rejected"), (), "preference"),
-    "kto": (("label",), ("prompt", "completion", "messages", "conversations", "system", "tools"), "kto"),
+    "kto": (("label",), ("prompt", "completion", "messages", "conversations", "system", "tools"), "unpaired"),
 }
 
 ALIASES = {
@@ -204,7 +205,7 @@ def canonical_format(name: str) -> str:
 
 
 def format_kind(fmt: str) -> str:
-    """Which stages can use `fmt`: "sft", "preference", "kto", or "any" for column_mapping."""
+    """The family of `fmt`: "supervised", "preference", "unpaired", or "any" for column_mapping."""
     return FORMATS[canonical_format(fmt)][2]
 
 

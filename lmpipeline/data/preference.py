@@ -67,7 +67,7 @@ from lmpipeline.data.types import (
 )
 from lmpipeline.errors import UserError
 from lmpipeline.models.compile import shaped_for_layers
-from lmpipeline.train.loop import BatchPlan
+from lmpipeline.data.batch_plan import BatchPlan
 
 log = logging.getLogger(__name__)
 

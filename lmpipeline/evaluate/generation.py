@@ -38,17 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmpipeline.context import RUN_FILE
 from lmpipeline.errors import UserError
+from lmpipeline.models.adapter_chain import ADAPTER_CONFIG, CHAIN_FILE, adapter_base, is_adapter, read_chain
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-MODEL_KINDS = ("sft", "dpo", "merge")  # stage kinds whose final/ folder holds a model
-TRAIN_KINDS = ("sft", "dpo")
-ADAPTER_CONFIG = "adapter_config.json"
-# Written by the DPO stage (lmpipeline/methods/dpo.py, CHAIN_FILE) next to an adapter trained on top of
-# earlier ones: the base and every adapter to apply in order, paths relative to the adapter folder.
-CHAIN_FILE = "lmpipeline_chain.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -66,6 +61,12 @@ class StageInfo:
     adapter: bool
     start: str | None  # the model the stage started from, as recorded
     entry: dict
+
+    @property
+    def trained(self) -> bool:
+        """A training stage (merge leaves a model too, but trains nothing). run.json records it; older run
+        records are told by the step count only training stages write."""
+        return bool(self.entry.get("trained", "global_step" in self.entry))
 
 
 @dataclass
@@ -88,9 +89,11 @@ class RunInfo:
     def stage_config(self, name: str) -> dict:
         return dict(((self.data.get("config") or {}).get("stage_configs") or {}).get(name) or {})
 
-    def model_stages(self, kinds: Sequence[str] = MODEL_KINDS) -> list[StageInfo]:
-        """Finished stages of these kinds whose model folder exists, in run order."""
-        return [s for s in self.stages if s.kind in kinds and s.status == "done" and s.final_dir is not None]
+    def model_stages(self, *, trained_only: bool = False) -> list[StageInfo]:
+        """Finished stages whose model folder exists (training stages and merges; only the training
+        stages with trained_only), in run order."""
+        return [s for s in self.stages if s.status == "done" and s.final_dir is not None
+                and (s.trained or not trained_only)]
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -148,17 +151,6 @@ class ModelSpec:
                 "stages": self.stage_names, "quantized_training": self.quantized_training}
 
 
-def _is_adapter(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
-
-
-def _adapter_base(adapter_dir: Path) -> str | None:
-    try:
-        return json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {adapter_dir / ADAPTER_CONFIG}: {e}") from None
-
-
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in TOKENIZER_FILES)
 
@@ -187,7 +179,7 @@ def _chain_in_run(run: RunInfo, info: StageInfo, base_model: str | None, seen: s
     seen.add(info.name)
     assert info.final_dir is not None
     quant = bool(run.stage_config(info.name).get("use_4bit") or run.stage_config(info.name).get("use_8bit"))
-    if info.kind == "merge" or not (info.adapter and _is_adapter(info.final_dir)):
+    if info.kind == "merge" or not (info.adapter and is_adapter(info.final_dir)):
         return ModelSpec(base=str(info.final_dir), tokenizer=str(info.final_dir), stage_names=[info.name],
                          quantized_training=False)
     chained = read_chain_file(info.final_dir)
@@ -202,7 +194,7 @@ def _chain_in_run(run: RunInfo, info: StageInfo, base_model: str | None, seen: s
         spec.quantized_training = bool(spec.quantized_training) or quant
     else:
         recorded = (info.start if info.start and not _looks_like_stage_path(info.start) else None) \
-            or run.base_model or _adapter_base(info.final_dir)
+            or run.base_model or adapter_base(info.final_dir)
         root = _root(run, recorded, base_model)
         if not root:
             raise UserError(f"cannot tell the base model of {info.final_dir}", hint="pass --base-model")
@@ -248,7 +240,7 @@ def _parent_stage(run: RunInfo, info: StageInfo) -> StageInfo | None:
         return None
     # Older run.json without "model": the pipeline chains each stage to the previous model stage.
     for s in reversed(earlier):
-        if s.kind in MODEL_KINDS and s.final_dir is not None and s.status == "done":
+        if s.final_dir is not None and s.status == "done":
             return s
     return None
 
@@ -269,7 +261,7 @@ def resolve_model(path: str | Path, base_model: str | None = None) -> ModelSpec:
         run = read_run(run_dir)
         if stage is None or any(s.name == stage for s in run.stages):
             return resolve_in_run(run, stage, base_model)
-    if _is_adapter(p):
+    if is_adapter(p):
         spec = _chain_of_adapter(p, base_model, depth=0)
         spec.label = p.name if p.name != "final" else p.parent.name
         return spec
@@ -304,27 +296,14 @@ def _package_spec(folder: Path, base_model: str | None) -> ModelSpec | None:
 
 def read_chain_file(adapter: Path, base_model: str | None = None) -> ModelSpec | None:
     """The ModelSpec an adapter's lmpipeline_chain.json describes (None when it has none)."""
-    path = adapter / CHAIN_FILE
-    if not path.is_file():
+    chain = read_chain(adapter)
+    if chain is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-        entries = data["adapters"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    adapters, names = [], []
-    for entry in entries:
-        rel = (adapter / entry.get("path", ".")).resolve()
-        absolute = Path(entry["abs_path"]) if entry.get("abs_path") else None
-        found = rel if _is_adapter(rel) else absolute if absolute is not None and _is_adapter(absolute) else None
-        if found is None:
-            raise UserError(f"{path} lists adapter `{entry.get('path')}` (stage {entry.get('stage')}) which is not "
-                            "on this machine", hint="keep the run folder together, or package it with `lmpipeline package`")
-        adapters.append(found)
-        names.append(entry.get("stage") or found.name)
-    root = base_model or data.get("base_model") or _adapter_base(adapter)
+    recorded_base, adapters, stages = chain
+    names = [stage or found.name for stage, found in zip(stages, adapters)]
+    root = base_model or recorded_base or adapter_base(adapter)
     if not root:
-        raise UserError(f"{path} names no base model", hint="pass --base-model")
+        raise UserError(f"{adapter / CHAIN_FILE} names no base model", hint="pass --base-model")
     return ModelSpec(base=root, adapters=adapters, tokenizer=str(adapter) if _has_tokenizer(adapter) else root,
                      label=names[-1], stage_names=names)
 
@@ -335,9 +314,9 @@ def _chain_of_adapter(adapter: Path, base_model: str | None, depth: int) -> Mode
         return chained
     if depth > 16:
         raise UserError(f"adapter chain at {adapter} is longer than 16: a loop in base_model_name_or_path?")
-    parent = _adapter_base(adapter)
+    parent = adapter_base(adapter)
     parent_path = Path(parent).expanduser() if parent else None
-    if parent_path is not None and parent_path.is_dir() and _is_adapter(parent_path):
+    if parent_path is not None and parent_path.is_dir() and is_adapter(parent_path):
         spec = _chain_of_adapter(parent_path, base_model, depth + 1)
     else:
         root = base_model or parent
@@ -359,7 +338,7 @@ def spec_from_completed(completed: Sequence, base_model: str) -> ModelSpec:
     chain: list[Path] = []
     base, names = base_model, []
     for s in completed:
-        if s.kind not in MODEL_KINDS or s.final_dir is None:
+        if s.final_dir is None:
             continue
         if s.adapter:
             chain.append(Path(s.final_dir))

@@ -26,6 +26,7 @@ from pathlib import Path
 from lmpipeline.config.lifecycle import EvalConfig
 from lmpipeline.context import RunContext, StageOutput
 from lmpipeline.errors import UserError
+from lmpipeline.methods import METHODS, method_for
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,10 @@ def pilot_config(cfg, steps: int, output_dir: str | None = None, config_path: st
     from lmpipeline.config.loader import load_config
 
     kinds = _kinds(cfg)
-    train = [n for n in cfg.stages if kinds.get(n) in ("sft", "dpo")]
+    train = [n for n in cfg.stages if method_for(n) is not None]
     if not train:
-        raise UserError("a pilot needs a training stage (sft or dpo) in `stages`", key="stages")
+        raise UserError(f"a pilot needs a training stage ({', '.join(m.name for m in METHODS)}) in `stages`",
+                        key="stages")
     first = train[0]
     eval_names = [n for n in cfg.stages if kinds.get(n) == "eval"]
     raw_eval = dict(cfg.stage_configs.get(eval_names[0], {})) if eval_names else {}
@@ -89,7 +91,7 @@ def pilot_config(cfg, steps: int, output_dir: str | None = None, config_path: st
     stage = dict(data["stage_configs"].get(first) or {})
     derived: dict = {f"stage_configs.{first}.max_steps": steps}
     stage["max_steps"] = steps
-    if eval_cfg.golden_set and kinds[first] == "sft":  # a golden set is SFT data, not preference pairs
+    if eval_cfg.golden_set and method_for(first).data == "supervised":  # a golden set is SFT rows, not preference pairs
         stage["dataset_name_or_path"] = eval_cfg.golden_set
         for k in ("dataset_format", "column_mapping", "eval_dataset_name_or_path", "max_samples"):
             stage.pop(k, None)

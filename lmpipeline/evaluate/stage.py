@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipeline.config.lifecycle import EvalConfig
-from lmpipeline.context import RunContext, StageResult
+from lmpipeline.context import RUN_FILE, RunContext, StageResult
 from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
@@ -54,8 +54,8 @@ class Candidate:
 
 def models_to_compare(cfg: EvalConfig, ctx: RunContext) -> list[Candidate]:
     """Base (unless compare_base is off) and the trained stages, each as a loadable ModelSpec."""
-    run = gen.read_run(ctx.run_dir) if (Path(ctx.run_dir) / gen.RUN_FILE).is_file() else None
-    trained = [(i, s) for i, s in enumerate(ctx.completed) if s.kind in gen.TRAIN_KINDS and s.final_dir is not None]
+    run = gen.read_run(ctx.run_dir) if (Path(ctx.run_dir) / RUN_FILE).is_file() else None
+    trained = [(i, s) for i, s in enumerate(ctx.completed) if s.trained and s.final_dir is not None]
     if cfg.models is not None:
         names = {s.name for _, s in trained}
         unknown = [m for m in cfg.models if m not in names]

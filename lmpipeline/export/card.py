@@ -39,10 +39,9 @@ def front_matter(meta: dict, *, tags: list[str], license: str | None) -> dict:
 
 def card_tags(meta: dict, extra: list[str]) -> list[str]:
     tags = ["lmpipeline"]
-    kinds = [s["kind"] for s in meta.get("stages", [])]
-    for k in ("sft", "dpo"):
-        if k in kinds:
-            tags.append(k)
+    for s in meta.get("stages", []):  # the training methods the model went through, in order
+        if s.get("trained") and s["kind"] not in tags:
+            tags.append(s["kind"])
     if meta["content"] in ("adapter", "adapter_chain") or any(s.get("adapter") for s in meta.get("stages", [])):
         tags.append("lora")
     if any((s.get("hyperparameters") or {}).get("use_4bit") for s in meta.get("stages", [])):

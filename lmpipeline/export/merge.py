@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmpipeline.config.lifecycle import MergeConfig
-from lmpipeline.context import RunContext, StageResult
+from lmpipeline.context import RUN_FILE, RunContext, StageResult
 from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
@@ -250,7 +250,7 @@ class MergeStage:
             return StageResult(name, out, Path(spec.base), adapter=False,
                                notes={"skipped": "the latest model has full weights; nothing to merge"})
         quant = {}
-        if (Path(ctx.run_dir) / gen.RUN_FILE).is_file():
+        if (Path(ctx.run_dir) / RUN_FILE).is_file():
             run = gen.read_run(ctx.run_dir)
             quant = next((run.stage_config(s) for s in spec.stage_names if run.stage_config(s).get("use_4bit")), {})
         result = merge_model(spec, out / "final", dtype=cfg.dtype, max_shard_size=cfg.max_shard_size,

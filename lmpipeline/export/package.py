@@ -51,11 +51,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from lmpipeline.config.lifecycle import PackageConfig
-from lmpipeline.context import RunContext, StageResult
+from lmpipeline.context import RUN_FILE, RunContext, StageResult
 from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
 from lmpipeline.export.card import render_card
+from lmpipeline.models.adapter_chain import CHAIN_FILE
+from lmpipeline.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def _model_files(folder: Path, prefix: str) -> list[tuple[str, Path]]:
     out = []
     for f in sorted(folder.rglob("*")):
         # A chain file points at the training run's folders; packages get one of their own.
-        if f.is_dir() or f.name in SKIP_FILES or f.name.endswith(".tmp") or f.name == gen.CHAIN_FILE:
+        if f.is_dir() or f.name in SKIP_FILES or f.name.endswith(".tmp") or f.name == CHAIN_FILE:
             continue
         rel = f.relative_to(folder).as_posix()
         if rel.split("/")[0] in ("checkpoints",):
@@ -141,14 +143,14 @@ def select_content(path: str | Path, source: str = "auto", base_model: str | Non
         run = gen.read_run(found[0])
         stage = found[1]
         if stage is None:
-            merged = run.model_stages(("merge",))
+            merged = [s for s in run.model_stages() if s.kind == "merge"]
             if source == "merged" and not merged:
                 raise UserError(f"run {run.run_dir} has no finished merge stage", key="source",
                                 hint="add a merge stage, run `lmpipeline merge`, or use source: adapter")
             if merged and source in ("auto", "merged"):
                 spec = gen.resolve_in_run(run, merged[-1].name, base_model)
             else:
-                trained = run.model_stages(gen.TRAIN_KINDS)
+                trained = run.model_stages(trained_only=True)
                 if not trained:
                     raise UserError(f"run {run.run_dir} has no finished sft/dpo stage to package")
                 spec = gen.resolve_in_run(run, trained[-1].name, base_model)
@@ -177,7 +179,7 @@ def select_content(path: str | Path, source: str = "auto", base_model: str | Non
         content = Content(kind, spec, files, adapters, None, run)
         if kind == "adapter_chain":
             last = adapters[-1]["folder"]
-            content.generated[f"model/{last}/{gen.CHAIN_FILE}"] = json.dumps({
+            content.generated[f"model/{last}/{CHAIN_FILE}"] = json.dumps({
                 "format": "lmpipeline-adapter-chain/1", "base_model": spec.base,
                 "adapters": [{"stage": a["stage"], "path": f"../{a['folder']}"} for a in adapters[:-1]]
                 + [{"stage": adapters[-1]["stage"], "path": "."}],
@@ -219,7 +221,7 @@ def collect_metadata(content: Content, name: str) -> dict:
                 fingerprints[s.name] = fp
             if s.entry.get("metrics"):
                 metrics[s.name] = s.entry["metrics"]
-            stages.append({"name": s.name, "kind": s.kind, "status": s.status, "adapter": s.adapter,
+            stages.append({"name": s.name, "kind": s.kind, "trained": s.trained, "status": s.status, "adapter": s.adapter,
                            "global_step": s.entry.get("global_step"), "data_fingerprint": fp,
                            "metrics": s.entry.get("metrics") or {}, "hyperparameters": hp,
                            "notes": s.entry.get("notes")})
@@ -261,7 +263,6 @@ def collect_metadata(content: Content, name: str) -> dict:
                      "packaging": package_versions()},
         "warnings": warnings,
     }
-    from lmpipeline.pipeline import redact
 
     return redact(meta)
 
@@ -530,7 +531,6 @@ def build_package(path: str | Path, output_dir: str | Path, config: PackageConfi
     else:
         p = Path(path).resolve()
         default = p.parent.name if p.name == "final" else p.name
-    from lmpipeline.pipeline import redact  # a token from the environment never goes into a package
 
     name = _safe_name(redact(cfg.model_name or default))
     folder = out / name
@@ -597,7 +597,7 @@ class PackageStage:
         cfg = self.config
         name = cfg.stage_name or "package"
         out = Path(cfg.output_dir) if cfg.output_dir else Path(ctx.run_dir) / name
-        if (Path(ctx.run_dir) / gen.RUN_FILE).is_file():
+        if (Path(ctx.run_dir) / RUN_FILE).is_file():
             source = ctx.run_dir
         else:
             latest = ctx.latest_model()

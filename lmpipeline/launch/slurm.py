@@ -6,7 +6,7 @@
   - set-up: cd to the submit-time working folder, activate --venv, HF_HUB_OFFLINE=1 unless
     --online, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (and the older NCCL_ASYNC_ERROR_HANDLING=1) so that a
     failed collective ends the job instead of hanging it, LMPIPELINE_COLLECTIVE_TIMEOUT_S and
-    LMPIPELINE_HEARTBEAT_S (see lmpipeline/train/runtime.py and lmpipeline/launch/heartbeat.py);
+    LMPIPELINE_HEARTBEAT_S (see lmpipeline/train/runtime.py and lmpipeline/train/heartbeat.py);
   - the rendezvous on the first node: MAIN_ADDR from `scontrol show hostnames $SLURM_JOB_NODELIST`,
     a port derived from the job id (two jobs sharing a node do not collide);
   - `srun` starting one `lmpipeline launch` per node (which starts G training processes, with its node

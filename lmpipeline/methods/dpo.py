@@ -1,4 +1,4 @@
-"""Preference optimisation (seed 004): DPO and its loss family, with LoRA, QLoRA or full fine-tuning.
+"""Preference optimisation: DPO and its loss family, with LoRA, QLoRA or full fine-tuning.
 
 Supported
     losses       sigmoid (DPO), ipo, hinge, robust, simpo; cDPO label smoothing for sigmoid
@@ -64,8 +64,7 @@ import copy
 import json
 import logging
 import os
-import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,11 +75,14 @@ import torch.nn.functional as F
 from lmpipeline.config.schema import DPOConfig
 from lmpipeline.context import StageOutput, StageResult
 from lmpipeline.data.cache import tokenizer_fingerprint
+from lmpipeline.data.build import load_examples
+from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.data.preference import (
     PAIR_LAYOUTS,
     PreferenceData,
     build_preference_data,
     make_pair_plans,
+    pair_as_example,
     pair_collator,
     pair_layout,
     pairs_digest,
@@ -96,17 +98,16 @@ from lmpipeline.methods.logprobs import (
     fused_head_usable,
     unwrap,
 )
-from lmpipeline.methods.sft import _log_trainable, save_final
-from lmpipeline.data.packing import flash_attn_kwargs
+from lmpipeline.methods.lifecycle import run_training, save_final
+from lmpipeline.methods.method import InspectView, Method
 from lmpipeline.models import loading
-from lmpipeline.models.speedups import TrainingSpeedups, resolve_torch_compile
-from lmpipeline.plan import autofit
-from lmpipeline.train.loop import autocast_for, train
-from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
+from lmpipeline.models.adapter_chain import CHAIN_FILE, adapter_base, is_adapter, read_chain
+from lmpipeline.models.speedups import TrainingSpeedups
+from lmpipeline.plan.estimate import EstimatorTerms
+from lmpipeline.train.loop import autocast_for
 
 log = logging.getLogger(__name__)
 
-CHAIN_FILE = "lmpipeline_chain.json"
 STACK_REFERENCE_ADAPTER = "sft"
 # How the objective obtains reference log-probs.
 REFERENCE_MODES = ("adapter_disabled", "adapter", "frozen_copy", "precomputed", "none")
@@ -321,32 +322,14 @@ class StartPoint:
         return "sft merged into base"
 
 
-def _adapter_base(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
-        return None
-
-
 def adapter_chain(final_dir: Path, name: str | None = None) -> tuple[str | None, list[Path], list[str | None]]:
     """(base model, adapters to apply in order, their stage names) that an adapter folder needs: its
     own chain file when it has one (a DPO adapter trained over SFT), else itself on the base it names.
     A chain entry's relative path wins; its absolute path is the fallback (a run folder moved)."""
-    chain_file = final_dir / CHAIN_FILE
-    if not chain_file.exists():
-        return _adapter_base(final_dir), [final_dir.resolve()], [name]
-    data = json.loads(chain_file.read_text())
-    paths, names = [], []
-    for entry in data["adapters"]:
-        path = (final_dir / entry["path"]).resolve()
-        if not (path / "adapter_config.json").exists() and entry.get("abs_path"):
-            path = Path(entry["abs_path"])
-        if not (path / "adapter_config.json").exists():
-            raise UserError(f"{chain_file} lists adapter `{entry['path']}` (stage {entry.get('stage')}), which is "
-                            "not on this machine", hint="keep the run folder together")
-        paths.append(path)
-        names.append(entry.get("stage"))
-    return data.get("base_model"), paths, names
+    chain = read_chain(final_dir)
+    if chain is None:
+        return adapter_base(final_dir), [final_dir.resolve()], [name]
+    return chain
 
 
 def resolve_start(cfg: DPOConfig, model_name_or_path: str | None, previous: StageOutput | None) -> StartPoint:
@@ -355,8 +338,8 @@ def resolve_start(cfg: DPOConfig, model_name_or_path: str | None, previous: Stag
         if not previous.adapter:
             return StartPoint(base=str(final))
         base, chain, names = adapter_chain(final, previous.name)
-        base = model_name_or_path if model_name_or_path and not _is_adapter(model_name_or_path) else base
-    elif model_name_or_path and _is_adapter(model_name_or_path):
+        base = model_name_or_path if model_name_or_path and not is_adapter(model_name_or_path) else base
+    elif model_name_or_path and is_adapter(model_name_or_path):
         folder = Path(model_name_or_path)
         base, chain, names = adapter_chain(folder, folder.parent.name if folder.name == "final" else folder.name)
     else:
@@ -367,10 +350,6 @@ def resolve_start(cfg: DPOConfig, model_name_or_path: str | None, previous: Stag
     if cfg.from_previous_stage == "stack":
         return StartPoint(base=base, merge=chain[:-1], stack=chain[-1], stage_names=names)
     return StartPoint(base=base, merge=chain, stage_names=names)
-
-
-def _is_adapter(path: str) -> bool:
-    return (Path(path).expanduser() / "adapter_config.json").exists()
 
 
 def _load_start(start: StartPoint, cfg: DPOConfig, torch_dtype: str):
@@ -469,56 +448,31 @@ def _broadcast(obj, accelerator):
 # The stage
 
 
-class DPOStage:
-    """`DPOStage(config).execute(model, tokenizer, previous=...)` -> StageResult (seed 004)."""
+class DPORecipe:
+    """DPO's part of the training-stage lifecycle (methods/lifecycle.py): where the policy starts, its
+    reference, the pair layout, the reference pass and the adapter chain it saves."""
 
-    def __init__(self, config: DPOConfig):
-        if not isinstance(config, DPOConfig):
-            raise TypeError(f"DPOStage needs a DPOConfig, got {type(config).__name__}")
-        if not config.output_dir:
-            raise UserError("no output_dir given", key="output_dir")
-        self.config = config
-        self.layout = "padded"  # set by execute: preference.pair_layout
-
-    @property
-    def packed(self) -> bool:
-        """Sequences end to end in one row under varlen attention (either packed layout)."""
-        return self.layout != "padded"
+    def __init__(self, cfg: DPOConfig, model_name_or_path: str | None, previous: StageOutput | None, *,
+                 has_model: bool):
+        self.cfg = cfg
+        self.method = METHOD
+        self.requested = model_name_or_path
+        self.previous = previous
+        self.has_model = has_model
+        self.start = StartPoint(base=None)
+        self.layout = "padded"  # preference.pair_layout, once the speed-ups are known
+        self.mode = "none"
+        self.ref_model = None
+        self.in_memory = has_model
+        self.torch_dtype = "auto"
+        self._notes: dict = {}
 
     def _key(self, name: str) -> str:
-        return f"stage_configs.{self.config.stage_name or 'dpo'}.{name}"
+        return f"stage_configs.{self.cfg.stage_name or 'dpo'}.{name}"
 
-    def _reference_mode(self, stacked: bool) -> str:
-        cfg = self.config
-        if cfg.loss_type in losses.REFERENCE_FREE:
-            if cfg.reference not in ("auto", "none"):
-                raise UserError(f"loss_type {cfg.loss_type} is reference-free; reference: {cfg.reference} has no "
-                                "effect", key=self._key("reference"), hint="set reference: auto (or none)")
-            return "none"
-        if cfg.reference == "none":
-            raise UserError(f"loss_type {cfg.loss_type} needs a reference model", key=self._key("reference"),
-                            hint="use reference: auto, or loss_type: simpo for a reference-free loss")
-        if cfg.reference == "frozen_copy":
-            return "frozen_copy"
-        if cfg.reference == "adapter_disabled":
-            if not cfg.use_lora:
-                raise UserError("reference: adapter_disabled needs LoRA (use_lora: true)", key=self._key("reference"),
-                                hint="full fine-tuning uses reference: auto or frozen_copy")
-            return "adapter_disabled"
-        if cfg.use_lora:
-            return "adapter" if stacked else "adapter_disabled"
-        return "frozen_copy"
-
-    def execute(self, model=None, tokenizer=None, *, model_name_or_path: str | None = None,
-                torch_dtype: str = "auto", resume: bool = False, previous: StageOutput | None = None,
-                data: PreferenceData | None = None) -> StageResult:
-        """Train; see the module docstring for the start point and the reference. `previous` is an earlier
-        stage's output (an SFT adapter or full weights); `data` skips reading and tokenising."""
-        cfg = self.config
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        seed_everything(cfg.seed)
-        if model is None and model_name_or_path is None and previous is None:
+    def check(self) -> None:
+        cfg = self.cfg
+        if not self.has_model and self.requested is None and self.previous is None:
             raise UserError("DPOStage.execute needs a model, model_name_or_path or a previous stage")
         try:
             losses.check_params(cfg.loss_type, losses.LossParams(cfg.beta, cfg.label_smoothing, cfg.simpo_gamma))
@@ -526,130 +480,130 @@ class DPOStage:
             raise UserError(str(e), key=self._key("label_smoothing")) from None
         if "simpo_gamma" in cfg.model_fields_set and cfg.loss_type != "simpo":
             log.warning("simpo_gamma is only used by loss_type: simpo; loss_type is %s", cfg.loss_type)
-
-        start = resolve_start(cfg, model_name_or_path, previous) if model is None else StartPoint(base=None)
-        if autofit.has_auto(cfg):
-            # Python API use (the pipeline resolves these first): auto values and the GPU fit check,
-            # before data batching and weight loading, so nothing below sees `auto`.
-            cfg, _, _ = autofit.prepare_stage(cfg, "dpo", model=start.base, torch_dtype=torch_dtype)
-            self.config = cfg
-        if start.stack is not None and not cfg.use_lora:
+        if not self.has_model:
+            self.start = resolve_start(cfg, self.requested, self.previous)
+        if self.start.stack is not None and not cfg.use_lora:
             raise UserError("from_previous_stage: stack trains a second adapter and needs use_lora: true",
                             key=self._key("from_previous_stage"),
                             hint="use from_previous_stage: merge for full fine-tuning")
-        if tokenizer is None:
-            if start.base is None:
-                raise UserError("DPOStage.execute: give the tokenizer with an in-memory model")
-            source = next((str(p) for p in reversed(start.chain) if (p / "tokenizer_config.json").exists()), start.base)
-            tokenizer = loading.load_tokenizer(source, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
-                                               trust_remote_code=cfg.trust_remote_code)
-        # Data first: a bad dataset must fail before minutes of weight loading.
-        data = data or build_preference_data(cfg, tokenizer)
-        log.info("[%s] data: %s", cfg.stage_name, data.summary())
-        cfg = self.config = resolve_torch_compile(cfg, len(data.train))
 
-        in_memory = model is not None
+    def model_reference(self) -> str | None:
+        return self.start.base
+
+    def tokenizer_source(self) -> str:
+        if self.start.base is None:
+            raise UserError("DPOStage.execute: give the tokenizer with an in-memory model")
+        return next((str(p) for p in reversed(self.start.chain) if (p / "tokenizer_config.json").exists()),
+                    self.start.base)
+
+    def build_data(self, tokenizer) -> PreferenceData:
+        return build_preference_data(self.cfg, tokenizer)
+
+    def rows_per_epoch(self, data: PreferenceData) -> int:
+        return len(data.train)
+
+    def load_model(self, model, torch_dtype: str):
+        cfg = self.cfg
+        self.torch_dtype = torch_dtype
         if model is None:
-            model = _load_start(start, cfg, torch_dtype)
+            model = _load_start(self.start, cfg, torch_dtype)
         elif hasattr(model, "peft_config"):  # an adapter handed over in memory: it becomes part of the start
             if cfg.from_previous_stage == "stack":
                 raise UserError("from_previous_stage: stack needs the earlier adapter on disk",
                                 key=self._key("from_previous_stage"),
                                 hint="pass previous= (or its folder as model_name_or_path), or use merge")
             model = model.merge_and_unload()
-        stacked = start.stack is not None
-        mode = self._reference_mode(stacked)
+        self.mode = reference_mode(cfg, stacked=self.start.stack is not None, key=self._key("reference"))
+        if self.mode == "frozen_copy":  # copied before any patch or adapter: the starting model itself
+            self.ref_model = copy.deepcopy(model).eval()
+            self.ref_model.requires_grad_(False)
+        return model
 
-        ref_model = None
-        if mode == "frozen_copy":
-            ref_model = copy.deepcopy(model).eval()
-            ref_model.requires_grad_(False)
-        if cfg.use_liger_kernel:
-            loading.apply_liger(model, loss_only=cfg.torch_compile)
+    def prepare_model(self, model):
+        cfg = self.cfg
         if cfg.use_lora:
-            if stacked:
-                model = _add_stacked_lora(model, cfg)
-            else:
-                model = loading.apply_lora(model, cfg)
-        dropped = disable_dropout(model) + (disable_dropout(ref_model) if ref_model is not None else 0)
+            model = _add_stacked_lora(model, cfg) if self.start.stack is not None else loading.apply_lora(model, cfg)
+        dropped = disable_dropout(model) + (disable_dropout(self.ref_model) if self.ref_model is not None else 0)
         if dropped:
             log.info("dropout disabled in %d modules (policy and reference must be the same network)", dropped)
-        if cfg.gradient_checkpointing:
-            loading.enable_gradient_checkpointing(model, cfg.gradient_checkpointing_fraction)
-        _log_trainable(model)
+        self._notes = {
+            "loss_type": cfg.loss_type,
+            "beta": cfg.beta,
+            "start": self.start.describe(),
+            "base_model": self.start.base,
+            "reference": _describe_reference(self.mode, self.start, self.in_memory),
+            "adapter_base_chain": [str(p) for p in self.start.chain],
+            "dropout_disabled_modules": dropped,
+            "ref_cache": "off",
+        }
+        return model
+
+    def speedups(self, model) -> TrainingSpeedups:
+        cfg = self.cfg
         # Varlen attention (GPU, or asked for) puts each micro-batch's sequences end to end in one row:
         # no padding, same log-probs. Undone after training (generation pads on the left).
         # eager_rounding: the reference pass (no gradients) must round as the policy's forward does.
-        speed = TrainingSpeedups(model, cfg, packed=True, others=[ref_model], eager_rounding=True)
+        speed = TrainingSpeedups(model, cfg, packed=True, others=[self.ref_model], eager_rounding=True)
         self.layout = pair_layout(cfg, packed=speed.varlen)
         log.info("[%s] pairs: %s", cfg.stage_name, PAIR_LAYOUTS[self.layout])
         if self.layout == "padded" and "share_prompt" in cfg.model_fields_set and cfg.share_prompt:
             log.warning("share_prompt needs varlen attention (a CUDA GPU of compute capability 8.0 or newer and "
                         "attn_implementation auto or varlen); the pairs are padded rows here")
+        return speed
 
-        accelerator = make_accelerator(cfg, out)
-        if ref_model is not None:
-            ref_model.to(accelerator.device)
-        objective = DPOObjective.from_config(cfg, reference=mode, ref_model=ref_model,
-                                             ref_adapters=[STACK_REFERENCE_ADAPTER] if stacked else None)
+    def objective(self, model) -> DPOObjective:
+        stacked = self.start.stack is not None
+        self.objective_used = DPOObjective.from_config(self.cfg, reference=self.mode, ref_model=self.ref_model,
+                                                       ref_adapters=[STACK_REFERENCE_ADAPTER] if stacked else None)
+        return self.objective_used
 
-        notes = {
-            "loss_type": cfg.loss_type,
-            "beta": cfg.beta,
-            "start": start.describe(),
-            "base_model": start.base,
-            "reference": _describe_reference(mode, start, in_memory),
-            "adapter_base_chain": [str(p) for p in start.chain],
-            "dropout_disabled_modules": dropped,
-            "ref_cache": "off",
-        }
-        with speed:
-            ref_train = ref_eval = None
-            if cfg.precompute_ref_log_probs and mode != "none":
-                ref, hit, key = self._precompute(objective, model, data, tokenizer, accelerator, start, torch_dtype,
-                                                 mode, in_memory)
-                ref_train, ref_eval = ref.train, ref.eval
-                notes.update(ref_cache="hit" if hit else "miss", ref_cache_key=key,
-                             reference=notes["reference"] + ", precomputed once before training")
-                objective.reference, objective.ref_model = "precomputed", None
-                ref_model = None  # the frozen copy is no longer needed during training
+    def probe(self, model, data, tokenizer, objective) -> dict:
+        return {}  # auto values come from the estimate; pairs are not probed on the GPU
 
-            train_plan, eval_plan = make_pair_plans(cfg, data, tokenizer, rank=accelerator.process_index,
-                                                    world=accelerator.num_processes, ref_train=ref_train,
-                                                    ref_eval=ref_eval, layout=self.layout)
-            try:
-                result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
-                               output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
-            finally:
-                accelerator.end_training()
+    def before_plans(self, model, data, tokenizer, accelerator, objective) -> None:
+        if self.ref_model is not None:
+            self.ref_model.to(accelerator.device)
+        self.ref_train = self.ref_eval = None
+        if self.cfg.precompute_ref_log_probs and self.mode != "none":
+            ref, hit, key = self._precompute(objective, model, data, tokenizer, accelerator)
+            self.ref_train, self.ref_eval = ref.train, ref.eval
+            self._notes.update(ref_cache="hit" if hit else "miss", ref_cache_key=key,
+                               reference=self._notes["reference"] + ", precomputed once before training")
+            objective.reference, objective.ref_model = "precomputed", None
+            self.ref_model = None  # the frozen copy is no longer needed during training
 
-        final_dir = out / "final"
-        unwrapped = accelerator.unwrap_model(model)
-        state_dict = full_state_dict(accelerator, model)  # sharded runs: a gather every rank joins
-        if accelerator.is_main_process:
-            if stacked and cfg.use_lora:
-                _save_selected(unwrapped, tokenizer, final_dir, "default", state_dict=state_dict)
-            else:
-                save_final(unwrapped, tokenizer, final_dir, state_dict=state_dict)
-            if start.chain and cfg.use_lora:
-                write_chain(final_dir, start, cfg.stage_name or "dpo")
-        accelerator.wait_for_everyone()
-        self.model = unwrapped
-        self.tokenizer = tokenizer
-        self.objective = objective
-        return StageResult(cfg.stage_name or "dpo", out, final_dir, dict(result.metrics), result.global_step,
-                           data.describe(), adapter=cfg.use_lora, notes=notes)
+    def batch_plans(self, data, tokenizer, accelerator):
+        return make_pair_plans(self.cfg, data, tokenizer, rank=accelerator.process_index,
+                               world=accelerator.num_processes, ref_train=self.ref_train, ref_eval=self.ref_eval,
+                               layout=self.layout)
 
-    def _precompute(self, objective, model, data, tokenizer, accelerator, start, torch_dtype, mode, in_memory):
-        cfg = self.config
+    def during_training(self, model):
+        return nullcontext()
+
+    def save(self, model, tokenizer, final_dir: Path, state_dict: dict | None) -> None:
+        cfg = self.cfg
+        if self.start.stack is not None and cfg.use_lora:
+            # Only the new adapter: the earlier one is in the chain.
+            save_final(model, tokenizer, final_dir, state_dict=state_dict, selected_adapters=["default"])
+        else:
+            save_final(model, tokenizer, final_dir, state_dict=state_dict)
+        if self.start.chain and cfg.use_lora:
+            write_chain(final_dir, self.start, cfg.stage_name or "dpo")
+
+    def notes(self) -> dict:
+        return self._notes
+
+    def _precompute(self, objective, model, data, tokenizer, accelerator):
+        cfg, mode = self.cfg, self.mode
         if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
             model.to(accelerator.device)
-        settings = reference_settings(cfg, mode, torch_dtype, layout=self.layout)
-        if in_memory:  # no files name the weights: hash the reference's state_dict (LoRA weights left out)
+        settings = reference_settings(cfg, mode, self.torch_dtype, layout=self.layout)
+        if self.in_memory:  # no files name the weights: hash the reference's state_dict (LoRA weights left out)
             inner = objective.ref_model if mode == "frozen_copy" else unwrap(model)
             reference = ref_cache.reference_fingerprint(model=inner, settings=settings, skip="lora_")
         else:
-            reference = ref_cache.reference_fingerprint(base=start.base, adapters=start.chain, settings=settings)
+            reference = ref_cache.reference_fingerprint(base=self.start.base, adapters=self.start.chain,
+                                                        settings=settings)
         data_fp = {"train": pairs_digest(data.train), "eval": pairs_digest(data.eval), "data": data.fingerprint,
                    "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": cfg.max_seq_length,
                    "max_prompt_length": cfg.max_prompt_length}
@@ -673,6 +627,60 @@ class DPOStage:
                 log.info("reference log-probs cached in %s", path)
         accelerator.wait_for_everyone()
         return ref, False, key
+
+
+def reference_mode(cfg: DPOConfig, *, stacked: bool, key: str) -> str:
+    """How the objective obtains reference log-probs for this config (REFERENCE_MODES), or a UserError
+    for a combination that cannot work. `stacked`: the previous adapter is kept frozen under the new one."""
+    if cfg.loss_type in losses.REFERENCE_FREE:
+        if cfg.reference not in ("auto", "none"):
+            raise UserError(f"loss_type {cfg.loss_type} is reference-free; reference: {cfg.reference} has no "
+                            "effect", key=key, hint="set reference: auto (or none)")
+        return "none"
+    if cfg.reference == "none":
+        raise UserError(f"loss_type {cfg.loss_type} needs a reference model", key=key,
+                        hint="use reference: auto, or loss_type: simpo for a reference-free loss")
+    if cfg.reference == "frozen_copy":
+        return "frozen_copy"
+    if cfg.reference == "adapter_disabled":
+        if not cfg.use_lora:
+            raise UserError("reference: adapter_disabled needs LoRA (use_lora: true)", key=key,
+                            hint="full fine-tuning uses reference: auto or frozen_copy")
+        return "adapter_disabled"
+    if cfg.use_lora:
+        return "adapter" if stacked else "adapter_disabled"
+    return "frozen_copy"
+
+
+class DPOStage:
+    """`DPOStage(config).execute(model, tokenizer, previous=...)` -> StageResult."""
+
+    def __init__(self, config: DPOConfig):
+        if not isinstance(config, DPOConfig):
+            raise TypeError(f"DPOStage needs a DPOConfig, got {type(config).__name__}")
+        if not config.output_dir:
+            raise UserError("no output_dir given", key="output_dir")
+        self.config = config
+        self.layout = "padded"  # set by execute: preference.pair_layout
+
+    @property
+    def packed(self) -> bool:
+        """Sequences end to end in one row under varlen attention (either packed layout)."""
+        return self.layout != "padded"
+
+    def execute(self, model=None, tokenizer=None, *, model_name_or_path: str | None = None,
+                torch_dtype: str = "auto", resume: bool = False, previous: StageOutput | None = None,
+                data: PreferenceData | None = None) -> StageResult:
+        """Train; see the module docstring for the start point and the reference. `previous` is an earlier
+        stage's output (an SFT adapter or full weights); `data` skips reading and tokenising."""
+        recipe = DPORecipe(self.config, model_name_or_path, previous, has_model=model is not None)
+        try:
+            result, self.model, self.tokenizer = run_training(recipe, model=model, tokenizer=tokenizer,
+                                                              torch_dtype=torch_dtype, resume=resume, data=data)
+        finally:
+            self.config, self.layout = recipe.cfg, recipe.layout
+        self.objective = recipe.objective_used
+        return result
 
 
 def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, layout: str) -> dict:
@@ -702,19 +710,6 @@ def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:
     return "adapter disabled (= SFT model)" if start.chain else "adapter disabled (= starting model)"
 
 
-def _save_selected(model, tokenizer, final_dir: Path, adapter: str, state_dict: dict | None = None) -> None:
-    """Like sft.save_final, but only `adapter` (stacked training: the earlier adapter is in the chain)."""
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter],
-                          **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
-
-
 def write_chain(final_dir: Path, start: StartPoint, stage_name: str) -> Path:
     """final/lmpipeline_chain.json: the base and the ordered adapters that make this stage's model."""
     entries = [{"stage": name, "path": os.path.relpath(p, final_dir), "abs_path": str(p)}
@@ -733,5 +728,41 @@ def write_chain(final_dir: Path, start: StartPoint, stage_name: str) -> Path:
     return path
 
 
+def planned_reference(cfg: DPOConfig) -> str:
+    """The reference a config runs with, before any model exists (the estimator plans its memory and passes):
+    none for a reference-free loss (or reference: none), precomputed when cached log-probs replace it,
+    a frozen copy for full fine-tuning or when asked, else the LoRA policy with its adapter disabled."""
+    if cfg.loss_type in losses.REFERENCE_FREE or cfg.reference == "none":
+        return "none"
+    if cfg.precompute_ref_log_probs:
+        return "precomputed"
+    if cfg.reference == "frozen_copy" or not cfg.use_lora:
+        return "frozen_copy"
+    return "adapter_disabled"
+
+
+def inspect_pairs(cfg: DPOConfig, tokenizer, n: int) -> InspectView:
+    pairs = build_preference_data(cfg, tokenizer).train
+    items = [(str(pair.source), "", [("chosen", pair_as_example(pair, "chosen")), ("rejected", pair_as_example(pair, "rejected"))])
+             for pair in pairs[:n]]
+    return InspectView(items, [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs])
+
+
+def validate_pairs(cfg: DPOConfig, tokenizer):
+    """Every row read (on_invalid relaxed, so each problem is reported); pairs are tokenised by the run."""
+    _, _, report, fmts = load_examples(cfg, on_invalid="skip")
+    return fmts, report
+
+
+METHOD = Method(
+    name="dpo", aliases=("trl_dpo",), config_class=DPOConfig, stage=DPOStage,
+    summary="preference optimisation on chosen/rejected pairs (DPO, IPO, hinge, robust DPO, SimPO)",
+    data="preference", start="chain", reference=planned_reference,
+    terms=EstimatorTerms(rows_per_unit=2, unit="pair", varlen_by_default=True, shares_prompt=True,
+                         scores_completions=True),
+    inspect=inspect_pairs, validate_data=validate_pairs,
+)
+
+
 __all__ = ["DPOObjective", "DPOStage", "completion_logps", "resolve_start", "adapter_chain", "write_chain",
-           "compute_reference_logps", "disable_dropout", "CHAIN_FILE"]
+           "compute_reference_logps", "disable_dropout", "CHAIN_FILE", "METHOD", "planned_reference"]

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (seeds 000, 001, 002, 003).
+"""Supervised fine-tuning: next-token cross-entropy on the trained tokens of chat, instruction and text data.
 
 Supports: LoRA / DoRA / rsLoRA adapters, QLoRA (4-bit NF4/FP4) and 8-bit bases on GPU, full
 fine-tuning; chat, instruction, prompt/completion and plain-text data (see lmpipeline/data);
@@ -17,23 +17,32 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers.integrations.neftune import activate_neftune
 
 from lmpipeline.config.schema import SFTConfig, padding_free_on
 from lmpipeline.context import StageResult
-from lmpipeline.data.build import SFTData, build_sft_data, make_batch_plans
+from lmpipeline.data.build import (
+    SFTData,
+    build_sft_data,
+    chat_template_for,
+    load_examples,
+    make_batch_plans,
+    needs_template,
+    tokenize_sft,
+)
 from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.errors import UserError
+from lmpipeline.methods.lifecycle import run_training, save_final
 from lmpipeline.methods.logprobs import fused_head_usable, hidden_token_logps
+from lmpipeline.methods.method import InspectView, Method, no_reference
 from lmpipeline.models import attention, loading
-from lmpipeline.models.speedups import TrainingSpeedups, resolve_torch_compile
+from lmpipeline.models.speedups import TrainingSpeedups
 from lmpipeline.plan import autofit
-from lmpipeline.train.loop import train
-from lmpipeline.train.runtime import full_state_dict, make_accelerator, seed_everything
+from lmpipeline.plan.estimate import EstimatorTerms
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +85,103 @@ class SFTObjective:
         return loss, {"loss": loss.detach() * total_units, "units": n}
 
 
-def save_final(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> None:
-    """Write the stage's model atomically: adapter (or full weights) and tokenizer, safetensors only.
+class SFTRecipe:
+    """SFT's part of the training-stage lifecycle (methods/lifecycle.py)."""
 
-    `state_dict`: the gathered full weights when the model is sharded across ranks (FSDP2, ZeRO-3).
-    """
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
+    def __init__(self, cfg: SFTConfig, model_name_or_path: str | None, *, has_model: bool):
+        self.cfg = cfg
+        self.method = METHOD
+        self.start = model_name_or_path
+        self.has_model = has_model
+        self.neftune = None
+
+    def check(self) -> None:
+        if not self.has_model and self.start is None:
+            raise UserError("SFTStage.execute needs a model or model_name_or_path")
+
+    def model_reference(self) -> str | None:
+        return self.start
+
+    def tokenizer_source(self) -> str:
+        return self.start
+
+    def build_data(self, tokenizer) -> SFTData:
+        return build_sft_data(self.cfg, tokenizer)
+
+    def rows_per_epoch(self, data: SFTData) -> int:
+        """Micro-batch rows in one epoch: examples, or about as many packed rows as the tokens fill (a lower
+        bound: bins are never fuller than max_seq_length)."""
+        if self.cfg.packing:
+            return max(1, math.ceil(sum(len(e) for e in data.train) / self.cfg.max_seq_length))
+        return len(data.train)
+
+    def load_model(self, model, torch_dtype: str):
+        return model if model is not None else loading.load_model(self.start, self.cfg, torch_dtype=torch_dtype)
+
+    def prepare_model(self, model):
+        # A later SFT stage continues the previous stage's adapter (already a PEFT model).
+        if self.cfg.use_lora and not hasattr(model, "peft_config"):
+            model = loading.apply_lora(model, self.cfg)
+        return model
+
+    def speedups(self, model) -> TrainingSpeedups:
+        cfg = self.cfg = _resolve_padding_free(self.cfg, model)
+        packed = cfg.padding_free or (cfg.packing and cfg.packing_strategy in ("bfd", "ffd"))
+        return TrainingSpeedups(model, cfg, packed=packed)
+
+    def objective(self, model) -> SFTObjective:
+        cfg = self.cfg
+        # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.
+        objective = SFTObjective(fused=cfg.chunked_loss and not cfg.use_liger_kernel and fused_head_usable(model))
+        log.info("[%s] loss: %s", cfg.stage_name, "trained positions only, LM head in chunks" if objective.fused
+                 else "the model's own loss over full logits")
+        return objective
+
+    def probe(self, model, data, tokenizer, objective) -> dict:
+        # On a GPU, one step at the auto-chosen size confirms it fits (backing off on out-of-memory).
+        self.cfg, found = autofit.probe_sft(model, self.cfg, data, tokenizer, objective)
+        return found
+
+    def before_plans(self, model, data, tokenizer, accelerator, objective) -> None:
+        return None
+
+    def batch_plans(self, data, tokenizer, accelerator):
+        return make_batch_plans(self.cfg, data, tokenizer, rank=accelerator.process_index,
+                                world=accelerator.num_processes)
+
+    @contextmanager
+    def during_training(self, model):
+        if not self.cfg.neftune_noise_alpha:
+            yield
+            return
+        handle = activate_neftune(model, self.cfg.neftune_noise_alpha)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def save(self, model, tokenizer, final_dir: Path, state_dict: dict | None) -> None:
+        save_final(model, tokenizer, final_dir, state_dict=state_dict)
+
+    def notes(self) -> dict:
+        return {}
+
+
+def _resolve_padding_free(cfg: SFTConfig, model) -> SFTConfig:
+    """padding_free: auto becomes true or false once the model is known (schema.padding_free_on)."""
+    if cfg.padding_free != "auto":
+        return cfg
+    varlen_runs = attention.kernel_available() and attention.attention_for(
+        model, requested=cfg.attn_implementation, packed=True, max_seq_length=cfg.max_seq_length) is not None
+    on = padding_free_on(cfg, varlen_runs)
+    if on:
+        log.info("[%s] padding_free (auto): each micro-batch's examples end to end in one row, varlen attention",
+                 cfg.stage_name)
+    return cfg.model_copy(update={"padding_free": on})
 
 
 class SFTStage:
-    """`SFTStage(config).execute(model, tokenizer)` -> StageResult (seed 001's Python API)."""
+    """`SFTStage(config).execute(model, tokenizer)` -> StageResult (the Python API)."""
 
     def __init__(self, config: SFTConfig):
         if not isinstance(config, SFTConfig):
@@ -101,99 +190,37 @@ class SFTStage:
             raise UserError("no output_dir given", key="output_dir")
         self.config = config
 
-    @staticmethod
-    def _resolve_padding_free(cfg: SFTConfig, model) -> SFTConfig:
-        """padding_free: auto becomes true or false once the model is known (schema.padding_free_on)."""
-        if cfg.padding_free != "auto":
-            return cfg
-        varlen_runs = attention.kernel_available() and attention.attention_for(
-            model, requested=cfg.attn_implementation, packed=True, max_seq_length=cfg.max_seq_length) is not None
-        on = padding_free_on(cfg, varlen_runs)
-        if on:
-            log.info("[%s] padding_free (auto): each micro-batch's examples end to end in one row, varlen attention",
-                     cfg.stage_name)
-        return cfg.model_copy(update={"padding_free": on})
-
     def execute(self, model=None, tokenizer=None, *, model_name_or_path: str | None = None,
                 torch_dtype: str = "auto", resume: bool = False, data: SFTData | None = None) -> StageResult:
-        cfg = self.config
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        seed_everything(cfg.seed)
-        if model is None and model_name_or_path is None:
-            raise UserError("SFTStage.execute needs a model or model_name_or_path")
-        if autofit.has_auto(cfg):
-            # Python API use (the pipeline resolves these first): auto values and the GPU fit check,
-            # before data batching and weight loading, so nothing below sees `auto`.
-            cfg, _, _ = autofit.prepare_stage(cfg, "sft", model=model_name_or_path, torch_dtype=torch_dtype)
-            self.config = cfg
-        if tokenizer is None:
-            tokenizer = loading.load_tokenizer(model_name_or_path, eos_token=cfg.eos_token, pad_token=cfg.pad_token,
-                                               trust_remote_code=cfg.trust_remote_code)
-        # Data first: a bad dataset must fail before minutes of weight loading.
-        data = data or build_sft_data(cfg, tokenizer)
-        log.info("[%s] data: %s", cfg.stage_name, data.summary())
-        cfg = self.config = resolve_torch_compile(cfg, _rows_per_epoch(cfg, data))
-
-        if model is None:
-            loading.quantization_config(cfg)  # fails now, with the key, if QLoRA is asked for without a GPU
-            model = loading.load_model(model_name_or_path, cfg, torch_dtype=torch_dtype)
-        if cfg.use_liger_kernel:
-            loading.apply_liger(model, loss_only=cfg.torch_compile)
-        if cfg.use_lora and not hasattr(model, "peft_config"):
-            model = loading.apply_lora(model, cfg)
-        if cfg.gradient_checkpointing:
-            loading.enable_gradient_checkpointing(model, cfg.gradient_checkpointing_fraction)
-        _log_trainable(model)
-        cfg = self.config = self._resolve_padding_free(cfg, model)
-        packed = cfg.padding_free or (cfg.packing and cfg.packing_strategy in ("bfd", "ffd"))
-        # Liger computes its own fused cross-entropy; otherwise ours whenever the head is a plain Linear.
-        objective = SFTObjective(fused=cfg.chunked_loss and not cfg.use_liger_kernel and fused_head_usable(model))
-        log.info("[%s] loss: %s", cfg.stage_name, "trained positions only, LM head in chunks" if objective.fused
-                 else "the model's own loss over full logits")
-        neftune = None
-        with TrainingSpeedups(model, cfg, packed=packed):
-            # On a GPU, one step at the auto-chosen size confirms it fits (backing off on out-of-memory).
-            cfg, probe = autofit.probe_sft(model, cfg, data, tokenizer, objective)
-            self.config = cfg
-            accelerator = make_accelerator(cfg, out)
-            train_plan, eval_plan = make_batch_plans(cfg, data, tokenizer, rank=accelerator.process_index,
-                                                     world=accelerator.num_processes)
-            if cfg.neftune_noise_alpha:
-                from transformers.integrations.neftune import activate_neftune
-
-                neftune = activate_neftune(model, cfg.neftune_noise_alpha)
-            try:
-                result = train(model=model, cfg=cfg, objective=objective, train_plan=train_plan, eval_plan=eval_plan,
-                               output_dir=out, accelerator=accelerator, tokenizer=tokenizer, resume=resume)
-            finally:
-                if neftune is not None:
-                    neftune.remove()
-                accelerator.end_training()
-
-        final_dir = out / "final"
-        state_dict = full_state_dict(accelerator, model)  # sharded runs: a gather every rank joins
-        if accelerator.is_main_process:
-            save_final(accelerator.unwrap_model(model), tokenizer, final_dir, state_dict=state_dict)
-        accelerator.wait_for_everyone()
-        metrics = dict(result.metrics)
-        self.model = accelerator.unwrap_model(model)
-        self.tokenizer = tokenizer
-        return StageResult(cfg.stage_name or "sft", out, final_dir, metrics, result.global_step, data.describe(),
-                           adapter=cfg.use_lora, notes={"autofit": probe} if probe else {})
+        recipe = SFTRecipe(self.config, model_name_or_path, has_model=model is not None)
+        try:
+            result, self.model, self.tokenizer = run_training(recipe, model=model, tokenizer=tokenizer,
+                                                              torch_dtype=torch_dtype, resume=resume, data=data)
+        finally:
+            self.config = recipe.cfg
+        return result
 
 
-def _rows_per_epoch(cfg: SFTConfig, data: SFTData) -> int:
-    """Micro-batch rows in one epoch: examples, or about as many packed rows as the tokens fill (a lower
-    bound: bins are never fuller than max_seq_length)."""
-    if cfg.packing:
-        return max(1, math.ceil(sum(len(e) for e in data.train) / cfg.max_seq_length))
-    return len(data.train)
+def inspect_rows(cfg: SFTConfig, tokenizer, n: int) -> InspectView:
+    data = build_sft_data(cfg, tokenizer)
+    items = [(str(ex.source), f"({len(ex)} tokens, {ex.num_trained} trained)", [("", ex)]) for ex in data.train[:n]]
+    return InspectView(items, [len(e) for e in data.train], f"data: {data.summary()}", data)
 
 
-def _log_trainable(model) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
-    if not math.isfinite(trainable) or trainable == 0:
-        raise UserError("nothing to train: no parameter requires a gradient")
+def validate_rows(cfg: SFTConfig, tokenizer):
+    """Every example read and tokenised with on_invalid/on_overlong relaxed, so each problem is reported."""
+    examples, eval_examples, report, fmts = load_examples(cfg, on_invalid="skip")
+    template = chat_template_for(cfg, tokenizer) if needs_template(examples) else None
+    lenient = cfg.model_copy(update={"on_invalid": "skip",
+                                     "on_overlong": "truncate" if cfg.on_overlong == "error" else cfg.on_overlong})
+    tokenize_sft(examples + (eval_examples or []), lenient, tokenizer, template, report)
+    return fmts, report
+
+
+METHOD = Method(
+    name="sft", aliases=("trl_sft",), config_class=SFTConfig, stage=SFTStage,
+    summary="supervised fine-tuning on chat, instruction, prompt/completion or plain-text data",
+    data="supervised", start="continue", reference=no_reference,
+    terms=EstimatorTerms(rows_per_unit=1, unit="row", packs_rows=True),
+    inspect=inspect_rows, validate_data=validate_rows,
+)

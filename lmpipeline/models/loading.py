@@ -9,6 +9,7 @@ a missing folder, a Hub id that cannot be reached offline, QLoRA without a GPU, 
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -185,11 +186,17 @@ def prepare_kbit_model(model, stage: TrainStageConfig) -> None:
         enable_gradient_checkpointing(model, stage.gradient_checkpointing_fraction)
 
 
+def checkpointed_layer_indices(n_layers: int, fraction: float) -> list[int]:
+    """Which of `n_layers` decoder layers to checkpoint for `fraction` of them: ceil(n x fraction) layers
+    spread evenly (which ones does not change the peak, which comes when all layers' activations are
+    held at the start of the backward; spreading them keeps the recompute evenly paced)."""
+    k = min(n_layers, max(1, math.ceil(n_layers * fraction - 1e-9)))
+    return sorted({int(i * n_layers / k) for i in range(k)})
+
+
 def enable_gradient_checkpointing(model, fraction: float = 1.0) -> int:
     """Checkpoint `fraction` of the decoder layers (all by default); returns how many are checkpointed."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from lmpipeline.plan.estimate import checkpointed_layer_indices
 
     # Non-reentrant checkpointing works with frozen inputs (LoRA) without the input-grad hack.
     # transformers 5.24 renamed the method (the old name warns until v6); the GPU image's 5.17 has only the old.

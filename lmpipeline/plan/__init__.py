@@ -1,13 +1,15 @@
-"""Plan before you spend (seed 002): presets, a memory and time estimator, and auto-fit.
+"""Plan before you spend: a memory and time estimator, auto-fit, and the fit check before loading.
 
-    presets.py     `model_size: 7b|13b|70b` and `preset: <family>` config fragments (presets/*.yaml), applied
-                   by the config loader where the user left keys out, each recorded as a derived value;
-                   the architecture of a model (local config.json, or a shipped one in model_configs/)
     estimate.py    peak GPU memory by part (weights, adapters, gradients, optimizer, activations, logits),
-                   time from FLOPs, the smallest GPU that fits; calibrated against the bench's H100 peaks
+                   time from FLOPs, suggestions that make a run fit; calibrated against measured peaks
+    profile.py     a stage's data read cheaply: row count and a sample of token lengths
     hardware.py    the GPU table, the headroom a run needs, the GPU this process has
-    autofit.py     `per_device_train_batch_size: auto` / `gradient_checkpointing: auto`, the fit check that
-                   runs before any weight loads, and the GPU probe step
+    autofit.py     `per_device_train_batch_size: auto` / `gradient_checkpointing: auto` and the GPU probe step
+    stage_plan.py  one plan per training stage (what `lmpipeline estimate` prints), and the fit check that
+                   runs before any weight loads
+
+Presets and model architectures are config (lmpipeline/config/presets.py). A stage is planned with its
+method's estimator terms (lmpipeline/methods: Method.terms), so the plan never asks a method's name.
 
 `lmpipeline estimate CONFIG [--gpu NAME]` (lmpipeline/commands/estimate_cmd.py) prints the estimate.
 """

@@ -31,9 +31,12 @@ import logging
 import os
 from typing import Any, Callable
 
+from lmpipeline.config.presets import Architecture
+from lmpipeline.data.build import make_batch_plans
 from lmpipeline.errors import UserError
+from lmpipeline.models.loading import enable_gradient_checkpointing
+from lmpipeline.plan import estimate as est
 from lmpipeline.plan import hardware
-from lmpipeline.plan.presets import Architecture
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +61,17 @@ def _divisors_desc(n: int) -> list[int]:
     return sorted({d for d in range(1, n + 1) if n % d == 0}, reverse=True)
 
 
-def resolve_auto(stage, arch: Architecture | None, device: hardware.GPU | None, *, kind: str | None = None,
+def resolve_auto(stage, method, arch: Architecture | None, device: hardware.GPU | None, *,
                  profile=None, torch_dtype: str = "auto", impl: str = "lmpipeline") -> tuple[Any, dict, list[str]]:
-    """(stage config with concrete values, {field: resolved value}, messages). A stage without auto
-    values comes back unchanged with an empty dict."""
-    from lmpipeline.plan import estimate as est
-
+    """(stage config with concrete values, {field: resolved value}, messages) for a stage of `method`
+    (lmpipeline/methods: its estimator terms). A stage without auto values comes back unchanged."""
     if not has_auto(stage):
         return stage, {}, []
-    kind = kind or ("dpo" if hasattr(stage, "beta") else "sft")
     batch_auto = stage.per_device_train_batch_size == "auto"
     gc_auto = stage.gradient_checkpointing == "auto"
     target = target_global_batch(stage) if batch_auto else None
     messages: list[str] = []
-    where = f"[{stage.stage_name or kind}]"
+    where = f"[{stage.stage_name or method.name}]"
 
     if device is None or arch is None:
         b = stage.per_device_train_batch_size
@@ -97,8 +97,8 @@ def resolve_auto(stage, arch: Architecture | None, device: hardware.GPU | None, 
                 trial = stage.model_copy(update={
                     "per_device_train_batch_size": b, "gradient_accumulation_steps": ga,
                     "gradient_checkpointing": fraction > 0, "gradient_checkpointing_fraction": fraction or 1.0})
-                setup = est.setup_from_stage(trial, kind, torch_dtype=torch_dtype, impl=impl, arch=arch)
-                mem = est.estimate_memory(arch, setup, profile, est.rows_seen(trial, profile, kind) if profile else None)
+                setup = est.setup_from_stage(trial, method, torch_dtype=torch_dtype, impl=impl, arch=arch)
+                mem = est.estimate_memory(arch, setup, profile, est.rows_seen(trial, profile) if profile else None)
                 if mem.peak <= budget:
                     speed = est.estimate_time(arch, setup, device, profile).tokens_per_second
                     best[fraction] = (b, mem.peak, speed)
@@ -144,8 +144,7 @@ def resolve_auto(stage, arch: Architecture | None, device: hardware.GPU | None, 
 
 def format_not_fitting(plan) -> str:
     """The message of a stage that does not fit: the estimate and what would make it fit."""
-    from lmpipeline.plan.estimate import _g
-
+    _g = est._g
     mem, dev = plan.memory, plan.device
     lines = [f"stage `{plan.name}` needs about {_g(mem.required)} ({_g(mem.peak)} of tensors at its peak, "
              f"in the {mem.phase}, + CUDA context and allocator headroom) and {dev.label} has {dev.memory_gib:.1f} GiB"]
@@ -164,51 +163,6 @@ def format_not_fitting(plan) -> str:
     else:
         lines.append("  no single GPU in the table fits it as configured")
     return "\n".join(lines)
-
-
-def prepare_stage(stage, kind: str, *, model: str | None, preset: str | None = None, torch_dtype: str = "auto",
-                  device: hardware.GPU | None = None, detect: bool = True, check: bool = True):
-    """Resolve auto values and check the fit of a training stage before its weights load.
-
-    Returns (stage config with concrete values, {field: resolved value}, estimate summary or None).
-    Raises UserError when a GPU is present (or given) and the stage cannot fit it."""
-    from lmpipeline.plan import estimate as est
-    from lmpipeline.plan.presets import resolve_architecture
-
-    device = device or (hardware.detect_gpu() if detect else None)
-    if device is None and not has_auto(stage):
-        return stage, {}, None
-    try:
-        arch = resolve_architecture(model, preset=preset)
-    except Exception as e:  # noqa: BLE001 - an unreadable config.json is reported by the loader itself
-        log.warning("[%s] architecture of `%s` not readable (%s): no memory estimate", stage.stage_name, model, e)
-        arch = None
-    if arch is None:
-        resolved, derived, messages = resolve_auto(stage, None, device, kind=kind, torch_dtype=torch_dtype)
-        for m in messages:
-            log.info(m)
-        if device is not None:
-            log.info("[%s] no architecture known for `%s`: the memory check is skipped", stage.stage_name, model)
-        return resolved, derived, None
-    profile = est.profile_data(stage, kind, model) if device is not None else est.TokenProfile()
-    resolved, derived, messages = resolve_auto(stage, arch, device, kind=kind, profile=profile, torch_dtype=torch_dtype)
-    for m in messages:
-        log.info(m)
-    if device is None:
-        return resolved, derived, None
-    plan = est.plan_stage(resolved, kind, arch, device=device, torch_dtype=torch_dtype, profile=profile)
-    summary = plan.as_dict()
-    log.info("[%s] memory estimate: %.1f GiB peak (%s), %.1f GiB with headroom, on %s (%.0f GiB)", stage.stage_name,
-             plan.memory.peak / hardware.GIB, plan.memory.phase, plan.memory.required / hardware.GIB, device.label,
-             device.memory_gib)
-    if check and not plan.fits:
-        if os.environ.get(SKIP_ENV) == "1":
-            log.warning("[%s] %s\n  (%s=1: starting anyway)", stage.stage_name, format_not_fitting(plan), SKIP_ENV)
-        else:
-            raise UserError(format_not_fitting(plan), key=f"stage_configs.{stage.stage_name}",
-                            hint=f"apply one of the changes above; `lmpipeline estimate CONFIG --gpu NAME` shows "
-                                 f"the estimate; {SKIP_ENV}=1 starts anyway if you know better")
-    return resolved, derived, summary
 
 
 def probe_micro_batch(step: Callable[[int, bool], None], batch: int, grad_accum: int, *, target: int | None,
@@ -270,8 +224,6 @@ def sft_probe_step(model, cfg, data, tokenizer, objective, device) -> Callable[[
 
     import torch
 
-    from lmpipeline.data.build import make_batch_plans
-
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     lengths = [len(e) for e in data.train]
     wrapped = cfg.packing and cfg.packing_strategy == "wrapped"
@@ -306,9 +258,6 @@ def probe_sft(model, cfg, data, tokenizer, objective) -> tuple[Any, dict]:
     backing off on out-of-memory. Returns (config with the confirmed values, notes for run.json).
     The RNG state is restored, so the run's dropout and data order do not depend on the probe."""
     import torch
-
-    from lmpipeline.models.loading import enable_gradient_checkpointing
-    from lmpipeline.plan import estimate as est
 
     auto = dict(getattr(cfg, "_auto", {}) or {})
     if not auto or not torch.cuda.is_available():

@@ -68,9 +68,10 @@ from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Any
 
+from lmpipeline.config.presets import Architecture
 from lmpipeline.config.schema import padding_free_on, token_budget
+from lmpipeline.models.loading import checkpointed_layer_indices
 from lmpipeline.plan import hardware
-from lmpipeline.plan.presets import Architecture
 
 GIB = hardware.GIB
 IMPLS = ("lmpipeline", "trl")
@@ -167,9 +168,32 @@ class TokenProfile:
 
 
 @dataclass(frozen=True)
+class EstimatorTerms:
+    """How a method's micro-batch turns into model rows and passes, for plan/estimate.py.
+
+    rows_per_unit       rows the model runs per item of the micro-batch (a DPO pair: chosen + rejected)
+    unit                what per_device_train_batch_size counts ("row" or "pair"), for messages
+    packs_rows          whether `packing:` applies (bins of several examples in one row)
+    varlen_by_default   its rows sit end to end under varlen attention whenever the kernel runs
+    shares_prompt       `share_prompt:` applies: under varlen a pair's prompt runs once
+    scores_completions  the loss reads only completion positions through the LM head (no full logits)
+    """
+
+    rows_per_unit: int = 1
+    unit: str = "row"
+    packs_rows: bool = False
+    varlen_by_default: bool = False
+    shares_prompt: bool = False
+    scores_completions: bool = False
+
+
+SFT_TERMS = EstimatorTerms()  # one row per item, the model's own loss: what a Setup assumes unless told
+
+
+@dataclass(frozen=True)
 class Setup:
-    kind: str = "sft"  # sft | dpo
-    micro_batch: int = 1  # rows (DPO: pairs; each pair is two rows)
+    terms: EstimatorTerms = SFT_TERMS  # the method's (lmpipeline/methods: Method.terms)
+    micro_batch: int = 1  # items (rows, or pairs of two rows: terms.rows_per_unit)
     grad_accum: int = 1
     seq_len: int = 2048
     packing: bool = False  # SFT bins of seq_len tokens
@@ -191,19 +215,20 @@ class Setup:
     liger: bool = False
     compiled: bool = False  # torch_compile: decoder layers through Inductor (Liger then patches only the loss)
     attn: str = "sdpa"  # sdpa | flash_attention_2 | flex_attention | eager
-    reference: str = "adapter_disabled"  # DPO: adapter_disabled | frozen_copy | precomputed | none
+    reference: str = "none"  # the method's reference model: adapter_disabled | frozen_copy | precomputed | none
     impl: str = "lmpipeline"
     loss_path: str = "auto"  # auto | full_logits (force the model's own logits, e.g. DPO's logits path)
     dropout_mask_bytes: int = 1  # CUDA's native_dropout keeps a bool mask (the CPU kernel a float one)
 
     @property
     def rows(self) -> int:
-        return self.micro_batch * (2 if self.kind == "dpo" else 1)
+        return self.micro_batch * self.terms.rows_per_unit
 
 
-def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str = "lmpipeline",
+def setup_from_stage(stage, method, *, torch_dtype: str = "auto", impl: str = "lmpipeline",
                      arch: Architecture | None = None, **overrides) -> Setup:
-    """The Setup of a training stage config (auto values must be resolved or overridden)."""
+    """The Setup of a training stage config (auto values must be resolved or overridden). `method`: the
+    stage's Method (lmpipeline/methods), for its estimator terms and the reference the config runs with."""
     quant = "4bit" if stage.use_4bit else "8bit" if stage.use_8bit else "none"
     if torch_dtype in ("bfloat16", "float16"):
         weight_bytes = 2
@@ -211,29 +236,21 @@ def setup_from_stage(stage, kind: str, *, torch_dtype: str = "auto", impl: str =
         weight_bytes = 4
     else:
         weight_bytes = 2 if (stage.bf16 or stage.fp16) else 4
-    reference = "none"
-    if kind == "dpo":
-        if getattr(stage, "loss_type", "") == "simpo" or getattr(stage, "reference", "auto") == "none":
-            reference = "none"
-        elif getattr(stage, "precompute_ref_log_probs", False):
-            reference = "precomputed"
-        elif getattr(stage, "reference", "auto") == "frozen_copy" or not stage.use_lora:
-            reference = "frozen_copy"
-        else:
-            reference = "adapter_disabled"
-    attn = _attention(stage, kind, arch)
+    terms = method.terms
+    reference = method.reference_for(stage)
+    attn = _attention(stage, terms, arch)
     batch = stage.per_device_train_batch_size
     gc = stage.gradient_checkpointing
-    packing = bool(stage.packing) and kind == "sft"
+    packing = bool(stage.packing) and terms.packs_rows
     # Varlen rows carry no padding: DPO pairs always, SFT with padding_free (packing fills its bins anyway).
     padding_free = attn == "varlen" and not packing
     micro_batch = batch if isinstance(batch, int) else 1
     budget = token_budget(getattr(stage, "micro_batch_tokens", None), micro_batch, stage.max_seq_length,
-                          rows_per_item=2 if kind == "dpo" else 1)
+                          rows_per_item=terms.rows_per_unit)
     values = dict(
-        kind=kind, micro_batch=micro_batch, grad_accum=stage.gradient_accumulation_steps,
+        terms=terms, micro_batch=micro_batch, grad_accum=stage.gradient_accumulation_steps,
         seq_len=stage.max_seq_length, packing=packing, padding_free=padding_free, micro_batch_tokens=budget,
-        shared_prompt=kind == "dpo" and attn == "varlen" and getattr(stage, "share_prompt", False),
+        shared_prompt=terms.shares_prompt and attn == "varlen" and getattr(stage, "share_prompt", False),
         gradient_checkpointing=gc if isinstance(gc, bool) else False,
         checkpoint_fraction=getattr(stage, "gradient_checkpointing_fraction", 1.0), use_lora=stage.use_lora,
         lora_r=stage.lora_r, lora_targets=stage.lora_target_modules, lora_dropout=stage.lora_dropout,
@@ -252,11 +269,11 @@ def _without_flash_kernel(setup: Setup, stage) -> Setup:
     pairs and padding_free: auto padded, an explicit padding_free row under SDPA's block mask."""
     if setup.attn != "varlen":
         return setup
-    explicit = setup.kind == "sft" and getattr(stage, "padding_free", False) is True
+    explicit = not setup.terms.varlen_by_default and getattr(stage, "padding_free", False) is True
     return replace(setup, attn="sdpa", padding_free=explicit, shared_prompt=False)
 
 
-def _attention(stage, kind: str, arch: Architecture | None) -> str:
+def _attention(stage, terms: EstimatorTerms, arch: Architecture | None) -> str:
     """The attention a run of `stage` uses on a GPU (models/attention.attention_for's rule): varlen for
     packed SFT rows, padding-free SFT and every DPO stage unless another backend is named or the
     architecture needs what the kernel lacks (soft-capping, a sliding window shorter than a row)."""
@@ -266,7 +283,7 @@ def _attention(stage, kind: str, arch: Architecture | None) -> str:
     softcap = arch is not None and arch.attn_softcap
     window = arch is not None and arch.sliding_window and arch.sliding_window < stage.max_seq_length
     # padding_free auto counts as on: the estimate is for a GPU, where the kernel runs (unless NEFTune is on).
-    packed = kind == "dpo" or stage.packing or padding_free_on(stage, varlen_runs=True)
+    packed = terms.varlen_by_default or stage.packing or padding_free_on(stage, varlen_runs=True)
     if packed and not softcap and not window:
         return "varlen"
     return "eager" if softcap else "sdpa"
@@ -361,7 +378,7 @@ def _flow(setup: Setup) -> Flow:
     resid = 4 if fp32_model else 2
     act = 2 if (setup.autocast or setup.weight_bytes == 2) else 4
     mlp_out = resid if setup.quant != "none" else act
-    masked = setup.attn in ("sdpa", "eager") and (setup.packing or setup.rows > 1 or setup.kind == "dpo")
+    masked = setup.attn in ("sdpa", "eager") and (setup.packing or setup.rows > 1 or setup.terms.rows_per_unit > 1)
     # lmpipeline trains with PEFT's input casts off under autocast (models/speedups.py): a LoRA layer's
     # bf16 input is saved once per group of modules reading it, as for bitsandbytes layers.
     uncast = setup.impl == "lmpipeline" and setup.autocast
@@ -464,14 +481,6 @@ def layer_constant_bytes(arch: Architecture, setup: Setup) -> float:
     return sum(2 * setup.lora_r * (i + o) for _, i, o, _ in adapted_modules(arch, setup.lora_targets))
 
 
-def checkpointed_layer_indices(n_layers: int, fraction: float) -> list[int]:
-    """Which of `n_layers` decoder layers to checkpoint for `fraction` of them: ceil(n x fraction) layers
-    spread evenly (which ones does not change the peak, which comes when all layers' activations are
-    held at the start of the backward; spreading them keeps the recompute evenly paced)."""
-    k = min(n_layers, max(1, math.ceil(n_layers * fraction - 1e-9)))
-    return sorted({int(i * n_layers / k) for i in range(k)})
-
-
 def checkpointed_layers(n_layers: int, setup: Setup) -> int:
     """How many decoder layers a run of `setup` checkpoints."""
     if not setup.gradient_checkpointing:
@@ -490,7 +499,7 @@ def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -
     V, H = arch.vocab_size, arch.hidden_size
     head_fp32 = False  # the LM head stays in the compute dtype (see _flow)
     cast = 0
-    if setup.liger and setup.kind == "sft":
+    if setup.liger and not setup.terms.scores_completions:
         # Liger fused linear cross-entropy: chunks of next_pow2(tokens / ceil(V/H)) rows in fp32, and
         # the input gradient (tokens x hidden) computed in the forward.
         chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(V / H))))))
@@ -499,7 +508,7 @@ def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -
     if setup.impl == "trl" and fused_ok:
         rows = min(positions, TRL_TILE_TOKENS)
         return 2 * rows * TRL_TILE_VOCAB + 4 * positions * H + 32 * positions, "TRL fused LM head (4096 x 32768 tiles)"
-    if fused_ok and (setup.kind == "dpo" or setup.impl == "lmpipeline"):
+    if fused_ok and (setup.terms.scores_completions or setup.impl == "lmpipeline"):
         # methods/logprobs.TokenLogps: trained / completion positions only, in chunks (SFT: chunked_loss)
         rows = max(1, OURS_LOSS_CHUNK_ELEMENTS // V)
         n = min(positions, rows)
@@ -569,7 +578,7 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
         optim = 4 * L * factored + (0 if setup.use_lora else 4 * (arch.embedding_params + arch.lm_head_params) / H * 2)
     details["optimizer"] = opt_what
     reference = 0.0
-    if setup.kind == "dpo" and setup.reference == "frozen_copy":
+    if setup.reference == "frozen_copy":
         reference = weights
         details["reference model"] = "frozen copy of the starting weights (full fine-tuning)"
     static = weights + adapters + grads + optim + reference
@@ -650,10 +659,10 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
     if setup.packing and setup.attn == "sdpa":
         notes.append("packed rows on SDPA use a dense block-diagonal mask (slow, and its memory is counted); "
                      "attn_implementation: varlen (the default for packing on a GPU) avoids it")
-    if setup.kind == "sft" and setup.loss_path == "full_logits" and not setup.liger and loss > 0.25 * peak:
+    if not setup.terms.scores_completions and setup.loss_path == "full_logits" and not setup.liger and loss > 0.25 * peak:
         notes.append(f"full-vocabulary logits cost {_g(loss)} here: chunked_loss: true scores the trained "
                      "positions in chunks")
-    if setup.kind == "dpo" and setup.reference == "adapter_disabled":
+    if setup.reference == "adapter_disabled":
         notes.append("DPO reference = the model with its adapter disabled: no second copy, one extra no-grad forward")
     notes.extend(arch.notes)
     return MemoryEstimate(parts, details, peak, phase, tokens, row_len, trainable, notes, off)
@@ -686,7 +695,7 @@ def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profil
     N = arch.matmul_params
     recompute = checkpointed_layers(arch.num_layers, setup) / max(arch.num_layers, 1)  # share of layers run twice
     k = (4 if setup.use_lora else 6) + 2 * recompute
-    ref = 2 if setup.kind == "dpo" and setup.reference in ("adapter_disabled", "frozen_copy") else 0
+    ref = 2 if setup.reference in ("adapter_disabled", "frozen_copy") else 0
     flops_per_token = (k + ref) * N
     mean = profile.mean(setup.seq_len)
     if setup.shared_prompt and profile.prompt_tokens:  # each row carries half of its pair's one prompt
@@ -701,7 +710,7 @@ def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profil
     computed_per_s = eff * device.matmul_tflops * 1e12 / flops_per_token
     tokens_per_s = computed_per_s / inflation
     if profile.rows:
-        n_rows = profile.rows * (2 if setup.kind == "dpo" else 1)
+        n_rows = profile.rows * setup.terms.rows_per_unit
         tokens_per_epoch = n_rows * mean
         if setup.packing:
             steps = math.ceil(tokens_per_epoch / (setup.micro_batch * setup.seq_len * 0.97) / (setup.grad_accum * world))
@@ -756,9 +765,9 @@ def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile:
         add("gradient_checkpointing: true", gradient_checkpointing=True, checkpoint_fraction=1.0)
     elif setup.checkpoint_fraction < 1.0:
         add("gradient_checkpointing_fraction: 1.0 (every layer)", checkpoint_fraction=1.0)
-    if setup.kind == "sft" and setup.loss_path == "full_logits" and not setup.liger and setup.impl == "lmpipeline":
+    if not setup.terms.scores_completions and setup.loss_path == "full_logits" and not setup.liger and setup.impl == "lmpipeline":
         add("chunked_loss: true (trained positions through the LM head in chunks, no full logits)", loss_path="auto")
-    if setup.kind == "sft" and (setup.packing or setup.padding_free) and setup.attn == "sdpa":
+    if setup.terms.packs_rows and (setup.packing or setup.padding_free) and setup.attn == "sdpa":
         add("attn_implementation: varlen (no block mask over packed rows)", attn="varlen")
     if setup.use_lora and setup.quant == "none":
         add("use_4bit: true (QLoRA)", quant="4bit")
@@ -780,7 +789,7 @@ def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile:
     combo = dict(gradient_checkpointing=True, checkpoint_fraction=1.0, micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
     if setup.use_lora and setup.quant == "none":
         combo["quant"] = "4bit"
-    if setup.kind == "sft" and setup.impl == "lmpipeline" and setup.loss_path == "full_logits":
+    if not setup.terms.scores_completions and setup.impl == "lmpipeline" and setup.loss_path == "full_logits":
         combo["loss_path"] = "auto"
     if len(combo) > 1:
         add("all of: " + ", ".join(f"{k}={v}" for k, v in combo.items()), **combo)
@@ -813,174 +822,7 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s / 3600:.1f} h"
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading the data cheaply: row count and a sample of lengths (local files only; never the Hub)
-
-CHARS_PER_TOKEN = 4.0  # English text through a Llama-3/Qwen/Mistral BPE: about 4 characters a token
-TEMPLATE_TOKENS = 8  # chat-template markers a row adds (role headers, end-of-turn tokens)
-SAMPLE_ROWS = 256
-
-
-def _strings(value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):  # role names and type tags are template tokens, counted in TEMPLATE_TOKENS
-        return [s for k, v in value.items() if k not in ("role", "from", "type", "name") for s in _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
-def _load_counter(tokenizer_path: str | None):
-    """A token counter: the tokenizer when it is on disk, else characters / CHARS_PER_TOKEN."""
-    from pathlib import Path
-
-    folder = Path(str(tokenizer_path)).expanduser() if tokenizer_path else None
-    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if folder is not None and folder.is_dir() and any((folder / f).is_file() for f in files):
-        try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(folder))
-
-            def count(text: str) -> int:
-                return len(tok(text, add_special_tokens=False)["input_ids"])
-
-            if count("Hello world, this is a test.") > 0:
-                return count, f"tokenizer {tokenizer_path}"
-        except Exception:  # noqa: BLE001 - no usable tokenizer there: fall back to the character rule
-            pass
-    return (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN)), f"~{CHARS_PER_TOKEN:.0f} characters a token"
-
-
-def _jsonl_sample(path, sample: int) -> tuple[int, list[dict]]:
-    """(non-empty lines, up to `sample` rows at evenly spaced lines) of a plain JSONL file: two passes over
-    the bytes, JSON-parsing only the sampled lines, so a multi-GB file costs seconds."""
-    import json
-
-    with open(path, "rb") as f:
-        n = sum(1 for line in f if line.strip())
-    wanted = {int(i * n / sample) for i in range(sample)} if n > sample else set(range(n))
-    rows, i = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            if i in wanted:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    row = None
-                if isinstance(row, dict):
-                    rows.append(row)
-            i += 1
-    return n, rows
-
-
-def profile_data(stage, kind: str, tokenizer_path: str | None = None, sample: int = SAMPLE_ROWS) -> TokenProfile:
-    """Rows and a length sample of a training stage's local data; an empty profile for Hub datasets."""
-    from pathlib import Path
-
-    from lmpipeline.data.readers import read_rows
-
-    spec = stage.dataset_name_or_path
-    specs = [(spec, stage.dataset_split, stage.max_samples)] if isinstance(spec, str) else \
-        [(s.path, s.split, s.max_samples) for s in (spec or [])]
-    if not specs or not all(Path(str(p)).expanduser().exists() for p, _, _ in specs):
-        return TokenProfile(source="data not readable here (Hub dataset or missing path): row lengths unknown")
-    count, how = _load_counter(tokenizer_path)
-    rng = random.Random(0)
-    total = 0
-    picked: list[dict] = []
-    try:
-        for path, split, cap in specs:
-            p = Path(str(path)).expanduser()
-            if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
-                n, rows = _jsonl_sample(p, sample)
-                n = min(n, cap) if cap else n
-                picked.extend(rows)
-                total += n
-                continue
-            n = 0
-            for _, row in read_rows(path, split=None if split == "train" else split, text_field=stage.dataset_text_field):
-                if not isinstance(row, dict):
-                    continue
-                n += 1
-                if len(picked) < sample:
-                    picked.append(row)
-                else:  # reservoir sampling keeps a uniform sample of every row read
-                    j = rng.randrange(total + n)
-                    if j < sample:
-                        picked[j] = row
-                if cap and n >= cap:
-                    break
-            total += n
-    except Exception as e:  # noqa: BLE001 - the estimate must not fail on data the run would report anyway
-        return TokenProfile(source=f"data could not be read for the estimate ({type(e).__name__}): row lengths unknown")
-    if stage.max_samples:
-        total = min(total, stage.max_samples)
-    total = int(total * (1 - stage.validation_split_ratio)) if not stage.eval_dataset_name_or_path else total
-    lengths, means, prompts = [], [], []
-    for row in picked:
-        if kind == "dpo" and "chosen" in row and "rejected" in row:
-            c = sum(count(s) for s in _strings(row["chosen"]))
-            r = sum(count(s) for s in _strings(row["rejected"]))
-            p = sum(count(s) for k, v in row.items() if k not in ("chosen", "rejected") for s in _strings(v))
-            lengths.append(p + max(c, r) + TEMPLATE_TOKENS)
-            means.append(p + (c + r) / 2 + TEMPLATE_TOKENS)
-            prompts.append(p)
-        else:
-            n = sum(count(s) for s in _strings(row)) + TEMPLATE_TOKENS
-            lengths.append(n)
-            means.append(n)
-    if not lengths:
-        return TokenProfile(rows=total, source="no rows read")
-    return TokenProfile(rows=total, mean_tokens=sum(means) / len(means), lengths=lengths,
-                        prompt_tokens=sum(prompts) / len(prompts) if prompts else None,
-                        source=f"{len(lengths)} sampled rows, {how}")
-
-
-# ----------------------------------------------------------------------------------------------
-# A whole config: one plan per training stage
-
-
-@dataclass
-class StagePlan:
-    name: str
-    kind: str
-    arch: Architecture | None = None
-    setup: Setup | None = None
-    profile: TokenProfile = field(default_factory=TokenProfile)
-    memory: MemoryEstimate | None = None
-    time: TimeEstimate | None = None
-    device: hardware.GPU | None = None  # the GPU asked about (--gpu, or the one present)
-    fits: bool | None = None
-    smallest: hardware.GPU | None = None
-    table: list[tuple[hardware.GPU, bool]] = field(default_factory=list)
-    suggestions: list[tuple[str, float, bool]] = field(default_factory=list)
-    resolved: dict[str, Any] = field(default_factory=dict)  # auto values and what they resolved to
-    notes: list[str] = field(default_factory=list)
-    reason: str | None = None  # why there is no estimate
-
-    def as_dict(self) -> dict:
-        out: dict[str, Any] = {"stage": self.name, "kind": self.kind, "fits_on": [g.name for g, ok in self.table if ok]}
-        if self.reason:
-            out["reason"] = self.reason
-        if self.arch is not None:
-            out["model"] = {"name": self.arch.name, "source": self.arch.source, "parameters": self.arch.total_params}
-        if self.memory is not None:
-            out["memory"] = self.memory.as_dict()
-        if self.time is not None:
-            out["time"] = self.time.as_dict()
-        if self.device is not None:
-            out["gpu"] = {"name": self.device.name, "memory_gib": round(self.device.memory_gib, 1), "fits": self.fits}
-        out["smallest_gpu"] = self.smallest.name if self.smallest else None
-        if self.resolved:
-            out["resolved"] = self.resolved
-        return out
-
-
-def rows_seen(stage, profile: TokenProfile, kind: str) -> int | None:
+def rows_seen(stage, profile: TokenProfile) -> int | None:
     """Rows the run draws (what the longest padded micro-batch depends on)."""
     b = stage.per_device_train_batch_size if isinstance(stage.per_device_train_batch_size, int) else 1
     by_steps = stage.max_steps * b * stage.gradient_accumulation_steps if stage.max_steps > 0 else None
@@ -988,70 +830,3 @@ def rows_seen(stage, profile: TokenProfile, kind: str) -> int | None:
     if by_steps and by_rows:
         return min(by_steps, by_rows)
     return by_steps or by_rows
-
-
-def _compile_decision(stage, total_steps: int | None, world: int) -> str:
-    """`torch_compile: auto` as the stage will resolve it on a CUDA GPU (models/compile.compile_by_default)."""
-    from lmpipeline.models.compile import COMPILE_MIN_STEPS, compile_by_default
-
-    if total_steps is None:
-        return f"decided from the run's length once the data is read (compiles from {COMPILE_MIN_STEPS} optimizer steps)"
-    on, why = compile_by_default(stage, optimizer_steps=total_steps, cuda=True, processes=world)
-    return f"{str(on).lower()} ({why})"
-
-
-def plan_stage(stage, kind: str, arch: Architecture | None, *, device: hardware.GPU | None = None,
-               torch_dtype: str = "auto", impl: str = "lmpipeline", profile: TokenProfile | None = None,
-               world: int = 1) -> StagePlan:
-    """Memory, time and fit of one training stage config (auto values resolved for `device`)."""
-    from lmpipeline.plan import autofit
-
-    plan = StagePlan(stage.stage_name or kind, kind, arch, profile=profile or TokenProfile(), device=device)
-    if arch is None:
-        plan.reason = "model architecture unknown (not a local folder, not a shipped config, not in the HF cache)"
-        return plan
-    resolved, derived, messages = autofit.resolve_auto(stage, arch, device, kind=kind, profile=plan.profile,
-                                                       torch_dtype=torch_dtype, impl=impl)
-    plan.resolved = derived
-    plan.notes.extend(m for m in messages if " -> " not in m)  # the resolved values are shown on their own
-    # T4, V100: no varlen kernel, so their rows are laid out as they run there (setups by flash_attention)
-    with_flash = setup_from_stage(resolved, kind, torch_dtype=torch_dtype, impl=impl, arch=arch)
-    setups = {True: with_flash, False: _without_flash_kernel(with_flash, resolved)}
-    plan.setup = setups[device is None or device.flash_attention]
-    seen = rows_seen(resolved, plan.profile, kind)
-    plan.memory = estimate_memory(arch, plan.setup, plan.profile, seen)
-    peaks = {flash: plan.memory.peak if setup is plan.setup else estimate_memory(arch, setup, plan.profile, seen).peak
-             for flash, setup in setups.items()}
-    plan.table = [(g, hardware.fits(peaks[g.flash_attention], g)) for g in hardware.GPUS]
-    plan.smallest = hardware.smallest_fitting(lambda g: peaks[g.flash_attention])
-    speed_gpu = device or hardware.gpu("h100-80gb")
-    plan.time = estimate_time(arch, plan.setup, speed_gpu, plan.profile, epochs=resolved.num_train_epochs,
-                              max_steps=resolved.max_steps, world=world)
-    if getattr(stage, "torch_compile", None) == "auto":  # what the stage will resolve on this GPU (planned eager)
-        plan.resolved["torch_compile"] = _compile_decision(resolved, plan.time.total_steps, world)
-    if device is not None:
-        plan.fits = hardware.fits(plan.memory.peak, device)
-        if not plan.fits:
-            plan.suggestions = suggestions(arch, plan.setup, device, plan.profile, seen)
-        if (resolved.bf16 and not device.bf16):
-            plan.notes.append(f"{device.label} has no bfloat16 tensor cores: use fp16: true instead of bf16")
-    return plan
-
-
-def plan_config(cfg, *, device: hardware.GPU | None = None, impl: str = "lmpipeline", read_data: bool = True) -> list[StagePlan]:
-    """One StagePlan per training stage of a loaded PipelineConfig."""
-    from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
-    from lmpipeline.plan.presets import resolve_architecture
-
-    arch = resolve_architecture(cfg.model_name_or_path, preset=getattr(cfg, "preset", None))
-    tok = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    plans = []
-    for name in cfg.stages:
-        kind = STAGE_ALIASES.get(name)
-        if kind not in TRAINING_KINDS:
-            continue
-        stage = cfg.stage(name)
-        profile = profile_data(stage, kind, tok) if read_data else TokenProfile()
-        plans.append(plan_stage(stage, kind, arch, device=device, torch_dtype=cfg.torch_dtype, impl=impl,
-                                profile=profile))
-    return plans

@@ -42,6 +42,11 @@ class Series:
     markers: bool = False  # eval points: sparse, drawn as dots as well as a line
 
 
+
+def _trained(stage: dict) -> bool:
+    """A training stage of run.json (older records lack the flag: only training stages count steps)."""
+    return bool(stage.get("trained", "global_step" in stage))
+
 def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
     """Round tick values from <= lo to >= hi (the data always stays inside the frame)."""
     if hi <= lo:
@@ -299,14 +304,14 @@ def render_report(run_dir: str | Path) -> str:
         m = st.get("metrics") or {}
         shown = ", ".join(f"{k}={_num(v)}" for k, v in m.items() if _finite(v))
         fp = (st.get("data") or {}).get("fingerprint") or "-"
-        steps = st.get("global_step", "-") if st.get("kind") in ("sft", "dpo") else "-"
+        steps = st.get("global_step", "-") if _trained(st) else "-"
         rows.append([e(name), e(str(st.get("kind", ""))), e(str(st.get("status", ""))), steps,
                      e("adapter" if st.get("adapter") else "full" if st.get("final_dir") not in (None, "None") else "-"),
                      f"<code>{e(str(fp)[:16])}</code>", e(shown)])
     parts += ["<h2>Stages</h2>", _table(["stage", "kind", "status", "steps", "model", "data fingerprint", "final metrics"],
                                         rows, numeric={3})]
 
-    curves = [_stage_section(run_dir, name, st) for name, st in stages.items() if st.get("kind") in ("sft", "dpo")]
+    curves = [_stage_section(run_dir, name, st) for name, st in stages.items() if _trained(st)]
     curves = [c for c in curves if c]
     if curves:
         parts += ["<h2>Training curves</h2>"] + curves

@@ -13,7 +13,7 @@ one big batch, which the naive mean-of-means does not (the gradient-accumulation
 Several processes (accelerate launch / torchrun): rank r trains micro-batches r, r+world, ... of the
 step, so N processes x GA equals 1 process x N*GA. A stop signal on any rank stops every rank after
 the same step (the flag rides on the per-step metrics all-reduce), so the checkpoint is consistent
-and no rank is left waiting in a collective. Each rank beats a heartbeat (lmpipeline/launch/heartbeat.py)
+and no rank is left waiting in a collective. Each rank beats a heartbeat (lmpipeline/train/heartbeat.py)
 so that a stall names the rank the others wait for.
 
 A NaN/inf loss or gradient norm stops the run (on_nonfinite: error) naming the step and dumping the
@@ -23,8 +23,9 @@ above loss_spike_factor x the median of the recent steps is logged as a spike. T
 saves a checkpoint at the end of the step and exits 130; a second one stops at once.
 
 A method plugs in an Objective: count(batch) -> units, loss(model, batch, total_units) ->
-(loss, metric sums). Batches come from a BatchPlan: a deterministic micro-batch order per epoch
-(seed + epoch), so a resumed run sees exactly the data the uninterrupted run would have seen.
+(loss, metric sums). Batches come from a BatchPlan (lmpipeline/data/batch_plan.py): a deterministic
+micro-batch order per epoch (seed + epoch), so a resumed run sees exactly the data the uninterrupted
+run would have seen.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ import torch
 
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.errors import NonFiniteLossError, UserError
-from lmpipeline.launch import sharded
-from lmpipeline.launch.heartbeat import Heartbeat
+from lmpipeline.train import sharded
+from lmpipeline.train.heartbeat import Heartbeat
 from lmpipeline.train import checkpoint as ckpt_io
 from lmpipeline.train.optim import build_optimizer, build_scheduler, planned_steps
 from lmpipeline.train.runtime import collective_timeout_s, is_sharded
@@ -73,24 +74,18 @@ class Objective(Protocol):
     def loss(self, model, batch: dict, total_units: float) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-@dataclass
-class BatchPlan:
-    """Micro-batches of example indices for each epoch, and how to turn indices into tensors."""
+class MicroBatches(Protocol):
+    """What the loop reads its data from (built by the data layer: lmpipeline/data/batch_plan.BatchPlan)."""
 
-    epoch_batches: Callable[[int], list[list[int]]]
-    collate: Callable[[list[int]], dict]
-    describe: Callable[[list[int]], list[str]] = lambda idx: [str(i) for i in idx]
-    # micro_batch_tokens: regroup(a step's micro-batches, world=...) -> the same rows in fewer, token-bounded ones
-    regroup: Callable[..., list[list[int]]] | None = None
-    # The last epoch's micro-batches: epoch_batches shuffles the whole dataset, once per epoch is enough.
-    _epoch: tuple[int, list[list[int]]] | None = field(default=None, init=False, repr=False)
+    regroup: Callable[..., list[list[int]]] | None
 
-    def step_batches(self, epoch: int, pos: int, per_step: int, world: int = 1) -> list[list[int]]:
-        """The micro-batches of optimizer step `pos` of `epoch` (all ranks; rank r trains r, r + world, ...)."""
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, self.epoch_batches(epoch))
-        micro = self._epoch[1][pos * per_step:(pos + 1) * per_step]
-        return self.regroup(micro, world=world) if self.regroup is not None else micro
+    def epoch_batches(self, epoch: int) -> list[list[int]]: ...
+
+    def step_batches(self, epoch: int, pos: int, per_step: int, world: int = 1) -> list[list[int]]: ...
+
+    def collate(self, indices: list[int]) -> dict: ...
+
+    def describe(self, indices: list[int]) -> list[str]: ...
 
 
 @dataclass
@@ -192,7 +187,7 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def evaluate(model, objective: Objective, plan: BatchPlan, cfg: TrainStageConfig, device, accelerator) -> dict:
+def evaluate(model, objective: Objective, plan: MicroBatches, cfg: TrainStageConfig, device, accelerator) -> dict:
     """Metric sums over the whole eval set divided by its units; loss also as perplexity."""
     model.eval()
     sums: dict[str, float] = {}
@@ -238,8 +233,8 @@ def train(
     model,
     cfg: TrainStageConfig,
     objective: Objective,
-    train_plan: BatchPlan,
-    eval_plan: BatchPlan | None,
+    train_plan: MicroBatches,
+    eval_plan: MicroBatches | None,
     output_dir: Path,
     accelerator,
     tokenizer=None,
@@ -531,14 +526,14 @@ def _early_stop(state: dict, ev: dict, cfg: TrainStageConfig) -> bool:
     return state["evals_without_improvement"] >= cfg.early_stopping_patience
 
 
-def _dump_nonfinite(output_dir: Path, step: int, indices: list[int], plan: BatchPlan, rank: int, what: str) -> Path:
+def _dump_nonfinite(output_dir: Path, step: int, indices: list[int], plan: MicroBatches, rank: int, what: str) -> Path:
     """Write the examples of a non-finite step to output_dir/nonfinite_stepN.json (one file per rank)."""
     dump = output_dir / (f"nonfinite_step{step}.json" if rank == 0 else f"nonfinite_step{step}_rank{rank}.json")
     dump.write_text(json.dumps({"step": step, "what": what, "rank": rank, "examples": plan.describe(indices)}, indent=2))
     return dump
 
 
-def _raise_nonfinite(output_dir: Path, step: int, indices: list[int], plan: BatchPlan, rank: int, what: str = "loss",
+def _raise_nonfinite(output_dir: Path, step: int, indices: list[int], plan: MicroBatches, rank: int, what: str = "loss",
                      skipped: int | None = None):
     dump = _dump_nonfinite(output_dir, step, indices, plan, rank, what)
     ids = plan.describe(indices)

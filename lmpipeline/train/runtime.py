@@ -23,7 +23,6 @@ import torch
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.errors import UserError
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
 COLLECTIVE_TIMEOUT_ENV = "LMPIPELINE_COLLECTIVE_TIMEOUT_S"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 
@@ -89,7 +88,7 @@ def full_state_dict(accelerator, model) -> dict | None:
     A collective under FSDP2/DeepSpeed: every rank must call it. `model` may be the module the stage
     built; the prepared wrapper (the DeepSpeed engine) is looked up, since only it can gather.
     """
-    from lmpipeline.launch import sharded
+    from lmpipeline.train import sharded
 
     if not is_sharded(accelerator):
         return None

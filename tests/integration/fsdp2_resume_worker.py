@@ -1,5 +1,5 @@
 """Run by torchrun (2 CPU processes, gloo) from test_distributed.py: FSDP2-sharded LoRA training,
-checkpointed with lmpipeline.launch.sharded and resumed into a freshly built model, must continue
+checkpointed with lmpipeline.train.sharded and resumed into a freshly built model, must continue
 exactly like the uninterrupted run. argv: tiny model folder, work folder. Writes result.json (rank 0)."""
 
 import json
@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from lmpipeline.launch import sharded
+from lmpipeline.train import sharded
 from lmpipeline.train import checkpoint as ckpt_io
 
 model_dir, work = sys.argv[1], Path(sys.argv[2])

@@ -190,7 +190,7 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path, tiny_model, qui
 
 
 def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path, tiny_model):
-    """FSDP2 runs on the CPU too (gloo): lmpipeline.launch.sharded's checkpoint of a sharded LoRA model,
+    """FSDP2 runs on the CPU too (gloo): lmpipeline.train.sharded's checkpoint of a sharded LoRA model,
     loaded into a freshly initialised one, continues exactly like the uninterrupted run."""
     worker = Path(__file__).with_name("fsdp2_resume_worker.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

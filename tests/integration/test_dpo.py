@@ -25,7 +25,8 @@ from lmpipeline.context import StageOutput
 from lmpipeline.data.templates import builtin_template
 from lmpipeline.data.preference import build_preference_data, collate_pairs, make_pair_plans, pair_as_example
 from lmpipeline.methods import dpo as dpo_mod
-from lmpipeline.methods.dpo import CHAIN_FILE, DPOObjective, DPOStage
+from lmpipeline.methods.dpo import DPOObjective, DPOStage
+from lmpipeline.models.adapter_chain import CHAIN_FILE
 
 pytestmark = pytest.mark.integration
 

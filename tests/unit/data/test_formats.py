@@ -308,7 +308,7 @@ def test_aliases_and_unknown_format():
     assert canonical_format("ChatML") == "messages"
     assert canonical_format("conversations") == "sharegpt"
     assert canonical_format("hh-rlhf") == "hh_rlhf"
-    assert format_kind("dpo") == "preference" and format_kind("alpaca") == "sft"
+    assert format_kind("dpo") == "preference" and format_kind("alpaca") == "supervised"
     with pytest.raises(DataError, match="Did you mean 'alpaca'"):
         canonical_format("alpacca")
 

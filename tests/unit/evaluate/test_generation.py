@@ -8,6 +8,7 @@ import torch
 
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
+from lmpipeline.models.adapter_chain import CHAIN_FILE
 from tests.unit.evaluate.tiny import make_adapter, write_golden
 
 
@@ -30,7 +31,7 @@ def test_stage_folder_resolves_to_that_stage(run_dir, sub):
 def test_chain_without_chain_file_follows_run_json_model_links(run_dir, tmp_path):
     copy = tmp_path / "moved"
     shutil.copytree(run_dir, copy)
-    (copy / "dpo" / "final" / gen.CHAIN_FILE).unlink()
+    (copy / "dpo" / "final" / CHAIN_FILE).unlink()
     # Recorded paths still point at the original folder; the chain must use the copy's stages by name.
     spec = gen.resolve_model(copy)
     assert spec.stage_names == ["sft", "dpo"]
@@ -45,7 +46,7 @@ def test_moved_run_relocates_stage_folders(run_dir, tmp_path):
         entry["final_dir"] = "/nonexistent/" + entry["final_dir"]
         entry["model"] = "/nonexistent/" + entry["model"]
     (copy / "run.json").write_text(json.dumps(data))
-    (copy / "dpo" / "final" / gen.CHAIN_FILE).unlink()
+    (copy / "dpo" / "final" / CHAIN_FILE).unlink()
     spec = gen.resolve_model(copy, base_model=str(data["config"]["model_name_or_path"]))
     assert [a.resolve() for a in spec.adapters] == [(copy / "sft" / "final").resolve(), (copy / "dpo" / "final").resolve()]
 
@@ -173,9 +174,9 @@ def test_chain_rooted_at_a_full_weights_stage_ignores_the_base_override(tiny_lla
     dpo = make_adapter(tiny_llama, run / "dpo" / "final", seed=4)
     write_chain_file(dpo, run / "sft" / "final", [("sft2", sft2)], "dpo")
     old = "/old/place/run/sft/final"  # the run was moved after training
-    data = json.loads((dpo / gen.CHAIN_FILE).read_text())
+    data = json.loads((dpo / CHAIN_FILE).read_text())
     data["base_model"] = old
-    (dpo / gen.CHAIN_FILE).write_text(json.dumps(data))
+    (dpo / CHAIN_FILE).write_text(json.dumps(data))
     stages = {"sft": {"kind": "sft", "status": "done", "final_dir": old, "adapter": False, "model": str(tiny_llama)},
               "sft2": {"kind": "sft", "status": "done", "final_dir": str(sft2), "adapter": True, "model": old},
               "dpo": {"kind": "dpo", "status": "done", "final_dir": str(dpo), "adapter": True, "model": str(sft2)}}
@@ -184,6 +185,6 @@ def test_chain_rooted_at_a_full_weights_stage_ignores_the_base_override(tiny_lla
         spec = gen.resolve_model(run, base_model=override)
         assert spec.base == str(run / "sft" / "final")
         assert [a.resolve() for a in spec.adapters] == [sft2.resolve(), dpo.resolve()]
-    (dpo / gen.CHAIN_FILE).unlink()
+    (dpo / CHAIN_FILE).unlink()
     spec = gen.resolve_model(run / "sft2")
     assert spec.base == str(run / "sft" / "final") and spec.adapters == [sft2]

@@ -7,9 +7,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmpipeline.models.loading import enable_gradient_checkpointing
 from lmpipeline.plan import estimate as est
-from lmpipeline.plan.estimate import checkpointed_layer_indices
+from lmpipeline.models.loading import checkpointed_layer_indices
 from lmpipeline.plan import hardware
-from lmpipeline.plan.presets import load_shipped
+from lmpipeline.config.presets import load_shipped
 
 
 @pytest.mark.parametrize("n,fraction,expected", [

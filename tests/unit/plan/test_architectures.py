@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from lmpipeline.plan import presets
-from lmpipeline.plan.presets import Architecture, load_shipped, match_shipped, resolve_architecture
+from lmpipeline.config import presets
+from lmpipeline.config.presets import Architecture, load_shipped, match_shipped, resolve_architecture
 
 # Published sizes (model cards / reports), in billions of parameters.
 PUBLISHED = {

@@ -8,9 +8,10 @@ import torch
 
 from lmpipeline.config.schema import DPOConfig, SFTConfig
 from lmpipeline.errors import UserError
-from lmpipeline.plan import autofit, hardware
+from lmpipeline.methods import method_for
+from lmpipeline.plan import autofit, hardware, stage_plan
 from lmpipeline.plan.estimate import setup_from_stage, estimate_memory
-from lmpipeline.plan.presets import load_shipped
+from lmpipeline.config.presets import load_shipped
 
 
 def gpu(gib: float) -> hardware.GPU:
@@ -29,7 +30,7 @@ def arch():
 
 
 def test_no_gpu_resolves_to_the_defaults(arch):
-    cfg, derived, messages = autofit.resolve_auto(stage(gradient_accumulation_steps=2), arch, None)
+    cfg, derived, messages = autofit.resolve_auto(stage(gradient_accumulation_steps=2), method_for("sft"), arch, None)
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing) == (4, 2, False)
     assert derived == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "gradient_checkpointing": False}
     assert any("no CUDA GPU" in m for m in messages)
@@ -37,21 +38,21 @@ def test_no_gpu_resolves_to_the_defaults(arch):
 
 def test_values_without_auto_are_left_alone(arch):
     s = SFTConfig(stage_name="sft", per_device_train_batch_size=3, gradient_checkpointing=True)
-    assert autofit.resolve_auto(s, arch, gpu(80)) == (s, {}, [])
+    assert autofit.resolve_auto(s, method_for("sft"), arch, gpu(80)) == (s, {}, [])
 
 
 @pytest.mark.parametrize("gib", [12, 16, 24, 40, 80])
 def test_auto_picks_the_largest_fitting_batch_and_keeps_the_global_batch(arch, gib):
     s = stage(gradient_accumulation_steps=4, use_liger_kernel=True)
-    cfg, derived, _ = autofit.resolve_auto(s, arch, gpu(gib))
+    cfg, derived, _ = autofit.resolve_auto(s, method_for("sft"), arch, gpu(gib))
     b, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     assert b * ga == 16 and isinstance(cfg.gradient_checkpointing, bool)
     assert derived["per_device_train_batch_size"] == b and derived["gradient_checkpointing"] == cfg.gradient_checkpointing
-    peak = estimate_memory(arch, setup_from_stage(cfg, "sft")).peak
+    peak = estimate_memory(arch, setup_from_stage(cfg, method_for("sft"))).peak
     assert hardware.required_bytes(peak) <= gpu(gib).memory_bytes
     if b < 16:  # the next larger divisor of 16 would not have fitted with the same checkpointing choice
         bigger = cfg.model_copy(update={"per_device_train_batch_size": b * 2, "gradient_accumulation_steps": ga // 2})
-        assert not hardware.fits(estimate_memory(arch, setup_from_stage(bigger, "sft")).peak, gpu(gib))
+        assert not hardware.fits(estimate_memory(arch, setup_from_stage(bigger, method_for("sft"))).peak, gpu(gib))
 
 
 def test_more_memory_never_makes_the_choice_worse(arch):
@@ -60,8 +61,8 @@ def test_more_memory_never_makes_the_choice_worse(arch):
 
     recomputed, speeds = [], []
     for g in (12, 16, 24, 40, 80):
-        cfg = autofit.resolve_auto(stage(use_liger_kernel=True, gradient_accumulation_steps=4), arch, gpu(g))[0]
-        setup = setup_from_stage(cfg, "sft")
+        cfg = autofit.resolve_auto(stage(use_liger_kernel=True, gradient_accumulation_steps=4), method_for("sft"), arch, gpu(g))[0]
+        setup = setup_from_stage(cfg, method_for("sft"))
         recomputed.append(checkpointed_layers(arch.num_layers, setup))
         speeds.append(estimate_time(arch, setup, gpu(g)).tokens_per_second)
     assert recomputed == sorted(recomputed, reverse=True) and recomputed[0] > recomputed[-1] == 0
@@ -71,24 +72,24 @@ def test_more_memory_never_makes_the_choice_worse(arch):
 def test_partial_checkpointing_when_it_is_the_fastest_fit(arch):
     """24 GiB: all layers checkpointed would allow a larger micro-batch, but a quarter of them already fits
     a full 4,096-token micro-batch, which the time estimate makes faster."""
-    cfg, derived, messages = autofit.resolve_auto(stage(use_liger_kernel=True, gradient_accumulation_steps=4), arch,
+    cfg, derived, messages = autofit.resolve_auto(stage(use_liger_kernel=True, gradient_accumulation_steps=4), method_for("sft"), arch,
                                                   gpu(24))
     assert cfg.gradient_checkpointing is True and 0 < cfg.gradient_checkpointing_fraction < 1
     assert derived["gradient_checkpointing_fraction"] == cfg.gradient_checkpointing_fraction
     assert any("gradient_checkpointing_fraction ->" in m for m in messages)
     full = cfg.model_copy(update={"gradient_checkpointing_fraction": 1.0})
-    assert estimate_memory(arch, setup_from_stage(full, "sft")).peak < estimate_memory(arch, setup_from_stage(cfg, "sft")).peak
+    assert estimate_memory(arch, setup_from_stage(full, method_for("sft"))).peak < estimate_memory(arch, setup_from_stage(cfg, method_for("sft"))).peak
 
 
 def test_checkpointing_only_when_needed(arch):
     small = stage(per_device_train_batch_size=1, use_liger_kernel=True)
-    assert autofit.resolve_auto(small, arch, gpu(80))[0].gradient_checkpointing is False
+    assert autofit.resolve_auto(small, method_for("sft"), arch, gpu(80))[0].gradient_checkpointing is False
     big = stage(per_device_train_batch_size=8, use_liger_kernel=True)
-    assert autofit.resolve_auto(big, arch, gpu(24))[0].gradient_checkpointing is True
+    assert autofit.resolve_auto(big, method_for("sft"), arch, gpu(24))[0].gradient_checkpointing is True
 
 
 def test_global_batch_size_target(arch):
-    cfg, _, _ = autofit.resolve_auto(stage(global_batch_size=24, use_liger_kernel=True), arch, gpu(80))
+    cfg, _, _ = autofit.resolve_auto(stage(global_batch_size=24, use_liger_kernel=True), method_for("sft"), arch, gpu(80))
     assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 24
     assert cfg._auto == {"per_device_train_batch_size": True, "gradient_checkpointing": True, "target": 24}
     with pytest.raises(ValueError, match="global_batch_size"):
@@ -98,20 +99,20 @@ def test_global_batch_size_target(arch):
 def test_dpo_auto_fits_pairs(arch):
     d = DPOConfig(stage_name="dpo", per_device_train_batch_size="auto", gradient_checkpointing="auto", bf16=True,
                   max_seq_length=1024, gradient_accumulation_steps=4)
-    cfg, derived, _ = autofit.resolve_auto(d, arch, gpu(24))
+    cfg, derived, _ = autofit.resolve_auto(d, method_for("dpo"), arch, gpu(24))
     assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 16
-    setup = setup_from_stage(cfg, "dpo")
+    setup = setup_from_stage(cfg, method_for("dpo"))
     assert setup.rows == 2 * cfg.per_device_train_batch_size  # a pair is a chosen and a rejected row
     assert hardware.fits(estimate_memory(arch, setup).peak, gpu(24))
 
 
 def test_nothing_fits_is_reported_before_loading(arch):
     s = stage(gradient_accumulation_steps=4)
-    cfg, _, messages = autofit.resolve_auto(s, arch, gpu(4))
+    cfg, _, messages = autofit.resolve_auto(s, method_for("sft"), arch, gpu(4))
     assert cfg.per_device_train_batch_size == 1 and cfg.gradient_checkpointing is True
     assert any("nothing fits" in m for m in messages)
     with pytest.raises(UserError) as e:
-        autofit.prepare_stage(s, "sft", model="meta-llama/Llama-3.2-3B-Instruct", device=gpu(4))
+        stage_plan.prepare_stage(s, method_for("sft"), model="meta-llama/Llama-3.2-3B-Instruct", device=gpu(4))
     msg = str(e.value)
     assert "stage `sft` needs about" in msg and "test GPU 4 GiB" in msg and "weights" in msg
     assert "use_4bit: true (QLoRA)" in msg and "smallest that fits" in msg
@@ -120,18 +121,18 @@ def test_nothing_fits_is_reported_before_loading(arch):
 def test_prepare_stage_summary_and_fixed_values(arch):
     s = SFTConfig(stage_name="sft", per_device_train_batch_size=2, gradient_accumulation_steps=4, use_4bit=True,
                   bf16=True, gradient_checkpointing=True)
-    cfg, derived, summary = autofit.prepare_stage(s, "sft", model="meta-llama/Llama-3.2-3B-Instruct",
+    cfg, derived, summary = stage_plan.prepare_stage(s, method_for("sft"), model="meta-llama/Llama-3.2-3B-Instruct",
                                                   device=hardware.gpu("a10-24gb"))
     assert cfg is s and derived == {}
     assert summary["gpu"]["fits"] is True and summary["memory"]["peak_gib"] > 2
     assert summary["model"]["name"] == "llama-3.2-3b"
     json.dumps(summary)
     # Without a GPU and without auto values there is nothing to do (and nothing is estimated).
-    assert autofit.prepare_stage(s, "sft", model="x", detect=False) == (s, {}, None)
+    assert stage_plan.prepare_stage(s, method_for("sft"), model="x", detect=False) == (s, {}, None)
 
 
 def test_unknown_architecture_resolves_auto_to_defaults():
-    cfg, derived, summary = autofit.prepare_stage(stage(), "sft", model="org/unknown-model", device=gpu(80))
+    cfg, derived, summary = stage_plan.prepare_stage(stage(), method_for("sft"), model="org/unknown-model", device=gpu(80))
     assert cfg.per_device_train_batch_size == 4 and summary is None
 
 
@@ -213,7 +214,7 @@ stage_configs:
 """)
     cfg = load_config(p)
     record, entry = {"derived": dict(cfg._derived)}, {}
-    resolved = _fit_stage(cfg.stage("sft"), "sft", cfg, record, entry)
+    resolved = _fit_stage(cfg.stage("sft"), method_for("sft"), cfg, record, entry)
     assert isinstance(resolved.per_device_train_batch_size, int) and isinstance(resolved.gradient_checkpointing, bool)
     d = record["derived"]
     assert d["stage_configs.sft.per_device_train_batch_size"] == resolved.per_device_train_batch_size
@@ -225,6 +226,6 @@ stage_configs:
 
 def test_skip_env_turns_the_fit_error_into_a_warning(monkeypatch, caplog):
     monkeypatch.setenv(autofit.SKIP_ENV, "1")
-    cfg, _, summary = autofit.prepare_stage(stage(gradient_accumulation_steps=4), "sft",
+    cfg, _, summary = stage_plan.prepare_stage(stage(gradient_accumulation_steps=4), method_for("sft"),
                                             model="meta-llama/Llama-3.2-3B-Instruct", device=gpu(4))
     assert summary["gpu"]["fits"] is False and "starting anyway" in caplog.text

@@ -11,8 +11,12 @@ The last rows are lmpipeline's own DPO stage on the same bench (methods/dpo.py d
 import numpy as np
 import pytest
 
+from lmpipeline.methods import method_for
 from lmpipeline.plan.estimate import GIB, Setup, TokenProfile, estimate_memory
-from lmpipeline.plan.presets import load_shipped
+from lmpipeline.config.presets import load_shipped
+
+# A DPO stage's Setup: its method's estimator terms and the reference a LoRA DPO config runs with.
+DPO = dict(terms=method_for("dpo").terms, reference="adapter_disabled")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,8 +53,8 @@ CASES = [
      dict(packing=True, liger=True, gradient_checkpointing=False), "sft", 240),
     ("TRL + Liger, packed 8 x 2048, checkpointing", 12.48,
      dict(packing=True, liger=True, micro_batch=8, grad_accum=1), "sft", 240),
-    ("TRL DPO QLoRA, <= 1024, checkpointing", 3.46, dict(kind="dpo", quant="4bit", seq_len=1024), "dpo", 200),
-    ("TRL DPO bf16 LoRA, <= 1024, checkpointing", 7.69, dict(kind="dpo", seq_len=1024), "dpo", 200),
+    ("TRL DPO QLoRA, <= 1024, checkpointing", 3.46, dict(DPO, quant="4bit", seq_len=1024), "dpo", 200),
+    ("TRL DPO bf16 LoRA, <= 1024, checkpointing", 7.69, dict(DPO, seq_len=1024), "dpo", 200),
 ]
 
 # lmpipeline's own SFT stage, `lmpipeline bench sft` on the H100 (bench/README.md "Memory estimates",
@@ -92,7 +96,7 @@ def test_our_stage_estimates_within_15_percent(name, arch, measured, changes, se
 
 # lmpipeline's DPO stage, `lmpipeline bench dpo` (H200 2026-12-03, call 9): pairs packed end to end
 # (varlen), reference log-probs precomputed, QLoRA NF4; (name, measured GiB, setup changes, pairs drawn).
-OURS_DPO = dict(OURS, kind="dpo", quant="4bit", seq_len=1024, attn="varlen", padding_free=True,
+OURS_DPO = dict(OURS, terms=DPO["terms"], quant="4bit", seq_len=1024, attn="varlen", padding_free=True,
                 reference="precomputed")
 OURS_DPO_CASES = [
     ("DPO 3B QLoRA, 4 pairs x GA 2, checkpointing", 3.91, dict(micro_batch=4, grad_accum=2), 64),

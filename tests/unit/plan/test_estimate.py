@@ -6,10 +6,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lmpipeline.methods import method_for
 from lmpipeline.plan import hardware
 from lmpipeline.plan.estimate import (GIB, Setup, TokenProfile, estimate_memory, estimate_time,
                                       layer_activation_bytes, layer_constant_bytes, suggestions)
-from lmpipeline.plan.presets import Architecture, load_shipped
+from lmpipeline.config.presets import Architecture, load_shipped
+
+DPO_TERMS = method_for("dpo").terms
 
 from .saved_bytes import build, saved_bytes_per_token
 
@@ -177,9 +180,9 @@ def test_padded_peak_follows_the_data_sample(arch3b):
 
 def test_dpo_doubles_rows_and_full_finetuning_copies_the_reference(arch3b):
     sft = estimate_memory(arch3b, qlora_example(quant="none", seq_len=1024, impl="trl"))
-    dpo = estimate_memory(arch3b, qlora_example(quant="none", seq_len=1024, impl="trl", kind="dpo"))
+    dpo = estimate_memory(arch3b, qlora_example(quant="none", seq_len=1024, impl="trl", terms=DPO_TERMS, reference="adapter_disabled"))
     assert dpo.tokens == 2 * sft.tokens
-    full = estimate_memory(arch3b, Setup(kind="dpo", micro_batch=1, seq_len=512, use_lora=False,
+    full = estimate_memory(arch3b, Setup(terms=DPO_TERMS, micro_batch=1, seq_len=512, use_lora=False,
                                          reference="frozen_copy", gradient_checkpointing=True))
     assert full.parts["reference model"] == pytest.approx(full.parts["weights"])
 
@@ -268,13 +271,13 @@ def test_a_shared_dpo_prompt_runs_once_per_pair(arch3b):
 
     profile = TokenProfile(rows=1000, mean_tokens=400, prompt_tokens=200, lengths=[500] * 50, source="test")
     stage = DPOConfig(stage_name="dpo", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl", max_steps=10)
-    shared, separate = (setup_from_stage(stage.model_copy(update={"share_prompt": on}), "dpo") for on in (True, False))
+    shared, separate = (setup_from_stage(stage.model_copy(update={"share_prompt": on}), method_for("dpo")) for on in (True, False))
     assert shared.shared_prompt and not separate.shared_prompt
     h100 = hardware.gpu("H100")
     t_shared, t_separate = (estimate_time(arch3b, s, h100, profile) for s in (shared, separate))
     # per pair 200 + 2 x 200 reply tokens instead of 2 x 400
     assert t_shared.tokens_per_epoch == pytest.approx(0.75 * t_separate.tokens_per_epoch)
-    padded = setup_from_stage(stage.model_copy(update={"attn_implementation": "sdpa"}), "dpo")
+    padded = setup_from_stage(stage.model_copy(update={"attn_implementation": "sdpa"}), method_for("dpo"))
     assert not padded.shared_prompt  # the prompt is shared only in varlen's packed rows
 
 
@@ -282,14 +285,14 @@ def test_gpus_without_the_flash_kernel_are_planned_padded(arch3b):
     """T4 and V100 (compute capability < 8.0) have no varlen kernel: DPO pairs run padded under SDPA there,
     so their rows of the fit table and a plan for them use that layout's (larger) peak."""
     from lmpipeline.config.schema import DPOConfig
-    from lmpipeline.plan.estimate import plan_stage
+    from lmpipeline.plan.stage_plan import plan_stage
 
     stage = DPOConfig(stage_name="dpo", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl",
                       max_seq_length=1024, per_device_train_batch_size=4, max_steps=10)
     profile = TokenProfile(rows=1000, mean_tokens=300, prompt_tokens=150,
                            lengths=[120, 200, 350, 500, 800] * 20, source="test")
-    on_h100 = plan_stage(stage, "dpo", arch3b, device=hardware.gpu("h100-80gb"), profile=profile)
-    on_v100 = plan_stage(stage, "dpo", arch3b, device=hardware.gpu("v100-32gb"), profile=profile)
+    on_h100 = plan_stage(stage, method_for("dpo"), arch3b, device=hardware.gpu("h100-80gb"), profile=profile)
+    on_v100 = plan_stage(stage, method_for("dpo"), arch3b, device=hardware.gpu("v100-32gb"), profile=profile)
     assert on_h100.setup.attn == "varlen" and on_h100.setup.shared_prompt
     assert on_v100.setup.attn == "sdpa" and not on_v100.setup.padding_free and not on_v100.setup.shared_prompt
     assert on_v100.memory.peak > on_h100.memory.peak
@@ -299,17 +302,17 @@ def test_the_plan_says_what_torch_compile_auto_will_do(arch3b):
     """auto depends on the run's length: the plan names the decision its step count leads to, and plans the
     memory eager (the larger of the two)."""
     from lmpipeline.config.schema import SFTConfig
-    from lmpipeline.plan.estimate import plan_stage
+    from lmpipeline.plan.stage_plan import plan_stage
 
     profile = TokenProfile(rows=40_000, mean_tokens=300, lengths=[120, 200, 350, 500, 800] * 20, source="test")
     common = dict(stage_name="sft", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl", bf16=True,
                   per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=1)
     gpu = hardware.gpu("h100-80gb")
-    long = plan_stage(SFTConfig(**common), "sft", arch3b, device=gpu, profile=profile)
+    long = plan_stage(SFTConfig(**common), method_for("sft"), arch3b, device=gpu, profile=profile)
     assert long.time.total_steps == 5_000
     assert long.resolved["torch_compile"].startswith("true (5,000 optimizer steps")
     assert not long.setup.compiled
-    pilot = plan_stage(SFTConfig(**common, max_steps=20), "sft", arch3b, device=gpu, profile=profile)
+    pilot = plan_stage(SFTConfig(**common, max_steps=20), method_for("sft"), arch3b, device=gpu, profile=profile)
     assert pilot.resolved["torch_compile"].startswith("false (20 optimizer steps")
-    explicit = plan_stage(SFTConfig(**common, torch_compile=True), "sft", arch3b, device=gpu, profile=profile)
+    explicit = plan_stage(SFTConfig(**common, torch_compile=True), method_for("sft"), arch3b, device=gpu, profile=profile)
     assert "torch_compile" not in explicit.resolved and explicit.setup.compiled

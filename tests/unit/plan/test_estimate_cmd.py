@@ -6,7 +6,9 @@ import pytest
 
 from lmpipeline.cli import main
 from lmpipeline.config.loader import load_config
-from lmpipeline.plan.estimate import plan_config, profile_data
+from lmpipeline.methods import method_for
+from lmpipeline.plan.profile import profile_data
+from lmpipeline.plan.stage_plan import plan_config
 
 EXAMPLES = ["examples/llama3.2-3b-sft.yaml", "examples/llama2-7b-full.yaml", "examples/seed000_config.yaml"]
 
@@ -57,7 +59,7 @@ def test_unknown_model_is_said_not_guessed(tmp_path, capsys):
 def test_local_data_gives_rows_lengths_and_time(repo_root, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text((repo_root / "lmpipeline/plan/model_configs/qwen2.5-0.5b-instruct/config.json").read_text())
+    (model / "config.json").write_text((repo_root / "lmpipeline/config/model_configs/qwen2.5-0.5b-instruct/config.json").read_text())
     data = repo_root / "examples/data/quickstart"
     p = tmp_path / "c.yaml"
     p.write_text(f"""
@@ -68,7 +70,7 @@ stage_configs:
   dpo: {{dataset_name_or_path: {data / 'dpo_train.jsonl'}, bf16: true, max_samples: 1000}}
 """)
     cfg = load_config(p)
-    sft, dpo = plan_config(cfg)
+    sft, dpo = plan_config(cfg, method_for)
     assert sft.profile.rows == 4000 and 10 < sft.profile.mean_tokens < 60 and "characters a token" in sft.profile.source
     assert sft.memory.row_len < 100  # short rows: the padded micro-batch is nowhere near 2048 tokens wide
     assert sft.time.steps_per_epoch == 1000 and sft.time.total_steps == 2000
@@ -85,7 +87,7 @@ stage_configs:
 def test_hub_data_is_never_fetched():
     from lmpipeline.config.schema import SFTConfig
 
-    prof = profile_data(SFTConfig(dataset_name_or_path="yahma/alpaca-cleaned"), "sft")
+    prof = profile_data(SFTConfig(dataset_name_or_path="yahma/alpaca-cleaned"), "supervised")
     assert prof.rows is None and "not readable here" in prof.source
 
 
@@ -94,7 +96,7 @@ def test_a_real_tokenizer_counts_the_sample(shared_data):
 
     data = shared_data / "sft_alpaca"
     path = next(p for p in sorted(data.iterdir()) if p.suffix in (".json", ".jsonl"))
-    prof = profile_data(SFTConfig(dataset_name_or_path=str(path)), "sft", str(shared_data / "tokenizers" / "qwen2.5-0.5b-instruct"))
+    prof = profile_data(SFTConfig(dataset_name_or_path=str(path)), "supervised", str(shared_data / "tokenizers" / "qwen2.5-0.5b-instruct"))
     assert prof.rows > 0 and prof.source.endswith("qwen2.5-0.5b-instruct") and prof.mean_tokens > 8
 
 
@@ -110,7 +112,7 @@ def test_seed_002_hardware_table_computed_from_the_model(tmp_path, preset, small
     p = tmp_path / "c.yaml"
     p.write_text(f"preset: {preset}\nstages: [sft]\nstage_configs:\n  sft: {{dataset_name_or_path: hub/data, "
                  "use_4bit: true, gradient_checkpointing: true}\n")
-    plan = plan_config(load_config(p))[0]
+    plan = plan_config(load_config(p), method_for)[0]
     need = plan.memory.required / 2**30
     assert too_small < need <= smallest
     assert plan.smallest.memory_gib <= smallest

@@ -7,7 +7,7 @@ import pytest
 
 from lmpipeline.config.errors import ConfigError
 from lmpipeline.config.loader import load_config
-from lmpipeline.plan import presets
+from lmpipeline.config import presets
 
 
 def write(tmp_path, text, name="c.yaml"):

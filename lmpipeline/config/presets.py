@@ -1,6 +1,6 @@
 """Model presets and architectures: what lmpipeline knows about a model before loading it.
 
-Two kinds of preset, both top-level config keys, both plain config fragments (lmpipeline/plan/presets/):
+Two kinds of preset, both top-level config keys, both plain config fragments (lmpipeline/config/presets/):
 
 - `model_size: 7b | 13b | 70b` applies seed 002's per-size defaults (`model_sizes.yaml`): LoRA r 16/32/64,
   alpha 32/64/128, dropout 0.05, micro-batch 4/2/1 x GA 4/8/16, length 2048 to every training stage, and
@@ -16,7 +16,7 @@ came from under "derived.preset_sources").
 
 Architectures: `resolve_architecture(name_or_path)` returns the shapes the estimator needs, from a local
 folder's config.json (an adapter folder: its base model's), else from the architecture configs shipped in
-lmpipeline/plan/model_configs/ matched by name (`ARCH_PATTERNS`), else from the Hugging Face cache.
+lmpipeline/config/model_configs/ matched by name (`ARCH_PATTERNS`), else from the Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from typing import Any
 
 import yaml
 
+from lmpipeline.config.errors import did_you_mean
+from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
+
 HERE = Path(__file__).resolve().parent
 PRESET_DIR = HERE / "presets"
 MODEL_CONFIG_DIR = HERE / "model_configs"
 SIZES_FILE = PRESET_DIR / "model_sizes.yaml"
 MODEL_SIZES = ("7b", "13b", "70b")
-TRAINING_KINDS = ("sft", "dpo")
 
 # Hub-id (or folder name) patterns -> shipped architecture folder. Matched against the lowercased last
 # path component with "_" read as "-"; first match wins, so the specific patterns come first. Models
@@ -103,16 +105,9 @@ class PresetResult:
     issues: list[tuple[tuple, str]] = field(default_factory=list)  # (key path, message)
 
 
-def _stage_kind(name: str) -> str | None:
-    from lmpipeline.config.schema import STAGE_ALIASES
-
-    return STAGE_ALIASES.get(name)
-
-
 def apply_presets(raw: dict) -> PresetResult:
     """Fill the keys a preset provides into `raw` (the pipeline-form dict before validation), in place,
     only where the user did not write them. Returns what was filled, from which preset, and problems."""
-    from lmpipeline.config.errors import did_you_mean
 
     result = PresetResult()
     preset_name = raw.get("preset")
@@ -159,7 +154,7 @@ def apply_presets(raw: dict) -> PresetResult:
     if not isinstance(stage_configs, dict):
         return result
     for name in stages:
-        kind = _stage_kind(str(name))
+        kind = STAGE_ALIASES.get(str(name))
         if kind not in TRAINING_KINDS:
             continue
         user = stage_configs.setdefault(name, {})

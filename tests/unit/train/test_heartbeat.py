@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lmpipeline.errors import UserError
-from lmpipeline.launch.heartbeat import CollectiveError, Heartbeat, describe_stall
+from lmpipeline.train.heartbeat import CollectiveError, Heartbeat, describe_stall
 from lmpipeline.train.runtime import collective_timeout_s
 
 
@@ -56,7 +56,7 @@ def test_all_ranks_at_the_same_place(tmp_path):
 
 
 def test_thread_logs_and_writes_heartbeats(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lmpipeline.launch.heartbeat")
+    caplog.set_level(logging.INFO, logger="lmpipeline.train.heartbeat")
     with Heartbeat(tmp_path, rank=1, world=2, interval_s=0.05) as hb:
         hb.beat(3, "backward", micro=1)
         time.sleep(0.3)
@@ -71,7 +71,7 @@ def test_single_process_writes_nothing(tmp_path):
 
 
 def test_long_stall_warns_with_the_description(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lmpipeline.launch.heartbeat")
+    caplog.set_level(logging.INFO, logger="lmpipeline.train.heartbeat")
     _beat(tmp_path, 1, 1, "data", now=time.time())
     with Heartbeat(tmp_path, rank=0, world=2, interval_s=0.05, stall_warn_s=0.1) as hb:
         hb.beat(2, "sync: token count")
