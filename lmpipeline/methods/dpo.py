@@ -18,20 +18,12 @@ model's logits are lm_head(last hidden state) (checked once on a real row; Llama
 Phi... but not Gemma-2's soft-capping), only completion positions go through the LM head, in chunks,
 with a recomputing backward (`TokenLogps`): no [rows, length, vocab] logits are ever held. Otherwise
 the model's logits are read with cross_entropy from the first position that predicts a completion
-token onwards (`logits_to_keep`).
-On the anchor benchmark (random Llama-3.2-3B, 2 x GA 4, length <= 1024, H100) the fused path took
-peak memory from 10.8 to 6.5 GiB (QLoRA) and from 12.5 to 8.0 GiB (bf16 LoRA).
+token onwards (`logits_to_keep`); the kernels are methods/logprobs.py's. The fused path keeps a
+3B QLoRA DPO step at about 6.5 GiB instead of 10.8 (bench/README.md).
 
-Where the model starts (`DPOStage.execute`)
-    no previous stage       the base model (`model_name_or_path`), or the in-memory `model`.
-    after SFT with LoRA     `from_previous_stage: merge` (default): load the base, load the SFT
-                            adapter, merge it into the weights, add a fresh LoRA for DPO.
-                            `stack`: keep the SFT adapter as a frozen adapter named "sft" and train a
-                            second adapter "default" on top (both active in the policy).
-                            A folder given as `model_name_or_path` that holds an adapter is treated
-                            the same way (its adapter_config.json names the base).
-    after full fine-tuning  that stage's final/ folder is the base.
-    after a DPO stage       its lmpipeline_chain.json is followed: every adapter in order.
+Where the model starts (`DPOStage.execute`): the method chains (methods/start.py): the base, an
+earlier stage's adapters merged into it (`from_previous_stage: merge`, default) or stacked under the
+new one (`stack`), or an earlier full fine-tune as the base.
 
 The reference model (`reference`, auto by default)
     LoRA/QLoRA, merge       the same model with the adapter disabled = base + merged SFT = the SFT
@@ -61,22 +53,17 @@ with full fine-tuning; `stack` without LoRA; label_smoothing with ipo or hinge.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmpipeline.config.schema import DPOConfig
 from lmpipeline.context import StageOutput, StageResult
-from lmpipeline.data.cache import tokenizer_fingerprint
 from lmpipeline.data.build import load_examples
-from lmpipeline.data.packing import flash_attn_kwargs
+from lmpipeline.data.cache import tokenizer_fingerprint
 from lmpipeline.data.preference import (
     PAIR_LAYOUTS,
     PreferenceData,
@@ -89,123 +76,33 @@ from lmpipeline.data.preference import (
 )
 from lmpipeline.errors import UserError
 from lmpipeline.methods import losses, ref_cache
+from lmpipeline.methods.lifecycle import checked_config, run_training, save_final
 from lmpipeline.methods.logprobs import (
-    LOGIT_CHUNK_ELEMENTS,
-    TokenLogps,
-    accepts_logits_to_keep,
-    final_hidden_states,
-    forward_with_final_hidden,
-    fused_head_usable,
+    choose_logps_path,
+    completion_logps,
+    packed_completion_logps,
     unwrap,
 )
-from lmpipeline.methods.lifecycle import run_training, save_final
 from lmpipeline.methods.method import InspectView, Method
+from lmpipeline.methods.reference import broadcast, disable_dropout, gather_ordered
+from lmpipeline.methods.start import (
+    STACK_REFERENCE_ADAPTER,
+    StartPoint,
+    add_stacked_lora,
+    load_start,
+    only_adapters,
+    resolve_start,
+    write_chain,
+)
 from lmpipeline.models import loading
-from lmpipeline.models.adapter_chain import CHAIN_FILE, adapter_base, is_adapter, read_chain
 from lmpipeline.models.speedups import TrainingSpeedups
 from lmpipeline.plan.estimate import EstimatorTerms
 from lmpipeline.train.loop import autocast_for
 
 log = logging.getLogger(__name__)
 
-STACK_REFERENCE_ADAPTER = "sft"
 # How the objective obtains reference log-probs.
 REFERENCE_MODES = ("adapter_disabled", "adapter", "frozen_copy", "precomputed", "none")
-
-
-def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused: bool = False,
-                     logits_to_keep: bool = True):
-    """(summed log-prob over completion tokens [rows], completion length [rows]) for each row.
-
-    Position t predicts token t+1. The fused path (`fused=True`, see fused_head_usable) takes the
-    last hidden states and scores only completion positions in chunks (TokenLogps): no
-    [rows, length, vocab] logits exist at any time. The logits path asks the model for logits from
-    the position before the earliest completion token onwards (`logits_to_keep`) and reads them with
-    cross_entropy. Both take log-probs in float32 whatever the model dtype.
-    """
-    mask = completion_mask[:, 1:].bool()
-    if fused:
-        hidden = final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention_mask})[:, :-1][mask]
-        head = unwrap(model).get_output_embeddings()
-        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-        token = TokenLogps.apply(hidden, head.weight, head.bias, input_ids[:, 1:][mask], chunk)
-        rows = mask.nonzero()[:, 0]
-        logps = torch.zeros(input_ids.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
-        return logps, mask.sum(dim=-1)
-    width = input_ids.shape[1]
-    start = max(int(completion_mask.argmax(dim=1).min()) - 1, 0)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if logits_to_keep and start > 0:
-        kwargs["logits_to_keep"] = width - start
-    else:
-        start = 0
-    logits = model(**kwargs).logits[:, :-1]
-    targets = input_ids[:, start + 1:]
-    mask = mask[:, start:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                          targets.masked_fill(~mask, -100).reshape(-1), reduction="none").view(targets.shape)
-    return -nll.sum(dim=-1), mask.sum(dim=-1)
-
-
-def packed_completion_logps(model, batch: dict, *, fused: bool = False):
-    """completion_logps for the packed layouts (preference.collate_pairs_packed / collate_pairs_shared): one
-    row, sequences kept apart by varlen attention; the token at `score_from` predicts `score_target`, and
-    its log-prob is summed into its sequence (`score_sequence`: chosen 0..n-1, rejected n..2n-1)."""
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **flash_attn_kwargs(batch)}
-    at, targets, rows = batch["score_from"], batch["score_target"], batch["score_sequence"]
-    if fused:
-        hidden = final_hidden_states(model, inputs)[0, at]
-        head = unwrap(model).get_output_embeddings()
-        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-        token = TokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)
-    else:
-        logits = model(**inputs, use_cache=False).logits[0, at]
-        token = -F.cross_entropy(logits.float(), targets, reduction="none")
-    n = 2 * int(batch["pairs"])
-    logps = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, rows, token)
-    return logps, torch.bincount(rows, minlength=n)
-
-
-def _first_sequence(batch: dict) -> dict:
-    """Model inputs for the batch's first sequence alone (padded or packed layout)."""
-    if "cu_seq_lens" in batch:
-        end = int(batch["cu_seq_lens"][1])
-        return {"input_ids": batch["input_ids"][:, :end], "position_ids": batch["position_ids"][:, :end]}
-    return {k: batch[k][:1] for k in ("input_ids", "attention_mask")}
-
-
-def choose_logps_path(model, batch: dict) -> str:
-    """"fused" when the model's own logits for a position equal lm_head(last hidden state) (checked on
-    one row), else "logits" (with logits_to_keep) or "logits_full"."""
-    keep = accepts_logits_to_keep(model)
-    if fused_head_usable(model):
-        row = _first_sequence(batch)
-        with torch.no_grad():
-            out, hidden = forward_with_final_hidden(model, row)
-            head = unwrap(model).get_output_embeddings()
-            own = out.logits[:, -1].float()
-            ours = F.linear(hidden[:, -1], head.weight, head.bias).float()
-        if torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(own.abs().max()))):
-            log.info("log-probs: completion positions only, through the LM head in chunks (fused path)")
-            return "fused"
-        log.warning("this model's logits are not lm_head(hidden state); DPO log-probs use the full logits path")
-    return "logits" if keep else "logits_full"
-
-
-@contextmanager
-def _only_adapters(peft_model, names: list[str]):
-    """Temporarily make only `names` active (peft's set_adapter also flips requires_grad: restore it).
-    Called before the policy forward of a step, so no autograd graph sees the flip."""
-    tuner = peft_model.base_model
-    before = list(tuner.active_adapters)
-    grads = [(p, p.requires_grad) for p in peft_model.parameters()]
-    tuner.set_adapter(names)
-    try:
-        yield
-    finally:
-        tuner.set_adapter(before)
-        for p, g in grads:
-            p.requires_grad_(g)
 
 
 class DPOObjective:
@@ -265,7 +162,7 @@ class DPOObjective:
             if self.reference == "adapter_disabled":
                 ctx = inner.disable_adapter()
             else:
-                ctx = _only_adapters(inner, self.ref_adapters)
+                ctx = only_adapters(inner, self.ref_adapters)
             with ctx:
                 return self.sequence_logps(model, batch)[0]
 
@@ -303,110 +200,6 @@ class DPOObjective:
 # Where the policy starts
 
 
-@dataclass
-class StartPoint:
-    base: str | None                      # weights to load (None: an in-memory model was given)
-    merge: list[Path] = field(default_factory=list)   # adapters merged into the base, in order
-    stack: Path | None = None            # adapter kept frozen under the new one (from_previous_stage: stack)
-    stage_names: list[str | None] = field(default_factory=list)  # the stage that trained each chain adapter
-
-    @property
-    def chain(self) -> list[Path]:
-        return self.merge + ([self.stack] if self.stack else [])
-
-    def describe(self) -> str:
-        if not self.chain:
-            return "base model" if self.base else "model given in memory"
-        if self.stack:
-            return "sft adapter stacked (frozen) under a new adapter"
-        return "sft merged into base"
-
-
-def adapter_chain(final_dir: Path, name: str | None = None) -> tuple[str | None, list[Path], list[str | None]]:
-    """(base model, adapters to apply in order, their stage names) that an adapter folder needs: its
-    own chain file when it has one (a DPO adapter trained over SFT), else itself on the base it names.
-    A chain entry's relative path wins; its absolute path is the fallback (a run folder moved)."""
-    chain = read_chain(final_dir)
-    if chain is None:
-        return adapter_base(final_dir), [final_dir.resolve()], [name]
-    return chain
-
-
-def resolve_start(cfg: DPOConfig, model_name_or_path: str | None, previous: StageOutput | None) -> StartPoint:
-    if previous is not None and previous.final_dir is not None:
-        final = Path(previous.final_dir)
-        if not previous.adapter:
-            return StartPoint(base=str(final))
-        base, chain, names = adapter_chain(final, previous.name)
-        base = model_name_or_path if model_name_or_path and not is_adapter(model_name_or_path) else base
-    elif model_name_or_path and is_adapter(model_name_or_path):
-        folder = Path(model_name_or_path)
-        base, chain, names = adapter_chain(folder, folder.parent.name if folder.name == "final" else folder.name)
-    else:
-        return StartPoint(base=model_name_or_path)
-    if not base:
-        raise UserError(f"cannot tell the base model of adapter `{chain[-1]}` (adapter_config.json names none)",
-                        key="model_name_or_path", hint="set model_name_or_path to the base model")
-    if cfg.from_previous_stage == "stack":
-        return StartPoint(base=base, merge=chain[:-1], stack=chain[-1], stage_names=names)
-    return StartPoint(base=base, merge=chain, stage_names=names)
-
-
-def _load_start(start: StartPoint, cfg: DPOConfig, torch_dtype: str):
-    from peft import PeftModel
-
-    loading.quantization_config(cfg)  # fails now, with the key, if QLoRA is asked for without a GPU
-    model = loading.load_model(start.base, cfg, torch_dtype=torch_dtype)
-    for adapter in start.merge:
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            log.warning("merging %s into a quantised base re-quantises the merged weights (small rounding); "
-                        "from_previous_stage: stack avoids it", adapter)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        log.info("merged adapter %s into the base", adapter)
-    if start.stack is not None:
-        model = PeftModel.from_pretrained(model, str(start.stack), adapter_name=STACK_REFERENCE_ADAPTER,
-                                          is_trainable=False)
-        log.info("stacked adapter %s (frozen, as %r)", start.stack, STACK_REFERENCE_ADAPTER)
-    return model
-
-
-def _add_stacked_lora(model, cfg: DPOConfig):
-    """A trainable LoRA "default" on top of the frozen reference adapter; both active in the policy."""
-    from peft import LoraConfig
-
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=cfg.lora_target_modules, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
-                        task_type="CAUSAL_LM", bias="none")
-    model.add_adapter("default", config)
-    model.active_adapter = "default"  # PeftModel reads its config by this name
-    model.base_model.set_adapter([STACK_REFERENCE_ADAPTER, "default"])
-    model.set_requires_grad(STACK_REFERENCE_ADAPTER, requires_grad=False)
-    return model
-
-
-def disable_dropout(model) -> int:
-    """Set p=0 on every Dropout module (TRL's disable_dropout_in_model); returns how many had p > 0."""
-    n = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout) and module.p > 0:
-            module.p = 0.0
-            n += 1
-    return n
-
-
-def _gather_ordered(part: dict[int, tuple[float, float]], accelerator) -> dict[int, tuple[float, float]]:
-    if accelerator.num_processes == 1:
-        return part
-    import torch.distributed as dist
-
-    parts = [None] * accelerator.num_processes
-    dist.all_gather_object(parts, part)
-    merged = {}
-    for p in parts:
-        merged.update(p)
-    return merged
-
-
 def compute_reference_logps(objective: DPOObjective, model, pairs, cfg: DPOConfig, tokenizer,
                             accelerator, *, layout: str = "padded") -> np.ndarray:
     """Reference log-probs [pairs, 2] in pair order; each process computes its share of batches.
@@ -430,22 +223,9 @@ def compute_reference_logps(objective: DPOObjective, model, pairs, cfg: DPOConfi
         for j, i in enumerate(idx):
             out[i] = (float(ref[j]), float(ref[n + j]))
     model.train(was_training)
-    out = _gather_ordered(out, accelerator)
+    out = gather_ordered(out, accelerator)
     return np.asarray([out[i] for i in range(len(pairs))], dtype=np.float64).reshape(len(pairs), 2)
 
-
-def _broadcast(obj, accelerator):
-    if accelerator.num_processes == 1:
-        return obj
-    from accelerate.utils import broadcast_object_list
-
-    box = [obj]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# The stage
 
 
 class DPORecipe:
@@ -506,7 +286,7 @@ class DPORecipe:
         cfg = self.cfg
         self.torch_dtype = torch_dtype
         if model is None:
-            model = _load_start(self.start, cfg, torch_dtype)
+            model = load_start(self.start, cfg, torch_dtype)
         elif hasattr(model, "peft_config"):  # an adapter handed over in memory: it becomes part of the start
             if cfg.from_previous_stage == "stack":
                 raise UserError("from_previous_stage: stack needs the earlier adapter on disk",
@@ -522,7 +302,7 @@ class DPORecipe:
     def prepare_model(self, model):
         cfg = self.cfg
         if cfg.use_lora:
-            model = _add_stacked_lora(model, cfg) if self.start.stack is not None else loading.apply_lora(model, cfg)
+            model = add_stacked_lora(model, cfg) if self.start.stack is not None else loading.apply_lora(model, cfg)
         dropped = disable_dropout(model) + (disable_dropout(self.ref_model) if self.ref_model is not None else 0)
         if dropped:
             log.info("dropout disabled in %d modules (policy and reference must be the same network)", dropped)
@@ -609,7 +389,7 @@ class DPORecipe:
                    "max_prompt_length": cfg.max_prompt_length}
         key = ref_cache.cache_key(reference, data_fp)
         ref = ref_cache.load(key) if accelerator.is_main_process else None
-        ref = _broadcast(ref, accelerator)
+        ref = broadcast(ref, accelerator)
         if ref is not None and len(ref.train) == len(data.train) and (
                 (ref.eval is None) == (not data.eval) and (ref.eval is None or len(ref.eval) == len(data.eval))):
             log.info("reference log-probs read from cache (%s, key %s)", ref_cache.ref_cache_dir(), key)
@@ -656,11 +436,7 @@ class DPOStage:
     """`DPOStage(config).execute(model, tokenizer, previous=...)` -> StageResult."""
 
     def __init__(self, config: DPOConfig):
-        if not isinstance(config, DPOConfig):
-            raise TypeError(f"DPOStage needs a DPOConfig, got {type(config).__name__}")
-        if not config.output_dir:
-            raise UserError("no output_dir given", key="output_dir")
-        self.config = config
+        self.config = checked_config(config, DPOConfig, "DPOStage")
         self.layout = "padded"  # set by execute: preference.pair_layout
 
     @property
@@ -710,24 +486,6 @@ def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:
     return "adapter disabled (= SFT model)" if start.chain else "adapter disabled (= starting model)"
 
 
-def write_chain(final_dir: Path, start: StartPoint, stage_name: str) -> Path:
-    """final/lmpipeline_chain.json: the base and the ordered adapters that make this stage's model."""
-    entries = [{"stage": name, "path": os.path.relpath(p, final_dir), "abs_path": str(p)}
-               for p, name in zip(start.chain, start.stage_names)]
-    entries.append({"stage": stage_name, "path": ".", "abs_path": str(final_dir.resolve())})
-    data = {
-        "format": "lmpipeline-adapter-chain/1",
-        "base_model": start.base,
-        "adapters": entries,
-        "apply": "load base_model, then for each adapter in order: PeftModel.from_pretrained + merge_and_unload "
-                 "(LoRA deltas add, so merged and stacked give the same weights)",
-        "trained_as": "stack" if start.stack is not None else "merge",
-    }
-    path = final_dir / CHAIN_FILE
-    path.write_text(json.dumps(data, indent=2))
-    return path
-
-
 def planned_reference(cfg: DPOConfig) -> str:
     """The reference a config runs with, before any model exists (the estimator plans its memory and passes):
     none for a reference-free loss (or reference: none), precomputed when cached log-probs replace it,
@@ -764,5 +522,5 @@ METHOD = Method(
 )
 
 
-__all__ = ["DPOObjective", "DPOStage", "completion_logps", "resolve_start", "adapter_chain", "write_chain",
-           "compute_reference_logps", "disable_dropout", "CHAIN_FILE", "METHOD", "planned_reference"]
+__all__ = ["DPOObjective", "DPOStage", "DPORecipe", "METHOD", "compute_reference_logps", "planned_reference",
+           "reference_mode", "reference_settings"]

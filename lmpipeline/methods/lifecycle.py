@@ -147,6 +147,15 @@ def run_training(recipe: TrainingRecipe, *, model=None, tokenizer=None, torch_dt
     return stage_result, unwrapped, tokenizer
 
 
+def checked_config(config, config_class: type, stage_class: str):
+    """The config a stage class was given, if it is of its method's class and says where to write."""
+    if not isinstance(config, config_class):
+        raise TypeError(f"{stage_class} needs a {config_class.__name__}, got {type(config).__name__}")
+    if not config.output_dir:
+        raise UserError("no output_dir given", key="output_dir")
+    return config
+
+
 def log_trainable(model) -> None:
     """Log the trainable share of the parameters; refuse a model with nothing to train."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

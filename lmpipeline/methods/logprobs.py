@@ -1,18 +1,27 @@
-"""Log-probabilities of chosen tokens without the [tokens, vocab] logits: shared by SFT and DPO.
+"""Log-probabilities of chosen tokens without the [tokens, vocab] logits: shared by every method.
 
 `token_logps(model, inputs, targets_mask, targets)` runs the model for its last hidden states and
 scores only the selected positions through the LM head, a chunk of rows at a time (TokenLogps),
 in float32. Used when `fused_head_usable(model)`: the logits are exactly lm_head(hidden state).
 For Llama-3-sized vocabularies this is what keeps a 4,096-token micro-batch from holding ~6 GiB of
 fp32 logits (plan/estimate.py's logits/loss term).
+
+Completion log-probs (`completion_logps`, `packed_completion_logps`): the summed log-prob of each
+sequence's completion tokens, padded rows or sequences end to end under varlen attention; what every
+preference method compares. `choose_logps_path` picks the fused path when it gives the model's logits.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
+
+from lmpipeline.data.packing import flash_attn_kwargs
+
+log = logging.getLogger(__name__)
 
 def unwrap(model):
     """The module under DDP/accelerate wrappers (they keep it in `.module`)."""
@@ -181,3 +190,82 @@ def hidden_token_logps(model, inputs: dict, mask: torch.Tensor, targets: torch.T
     head = unwrap(model).get_output_embeddings()
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
     return TokenLogps.apply(hidden, head.weight, head.bias, targets[mask], chunk)
+
+
+def completion_logps(model, input_ids, attention_mask, completion_mask, *, fused: bool = False,
+                     logits_to_keep: bool = True):
+    """(summed log-prob over completion tokens [rows], completion length [rows]) for each row.
+
+    Position t predicts token t+1. The fused path (`fused=True`, see fused_head_usable) takes the
+    last hidden states and scores only completion positions in chunks (TokenLogps): no
+    [rows, length, vocab] logits exist at any time. The logits path asks the model for logits from
+    the position before the earliest completion token onwards (`logits_to_keep`) and reads them with
+    cross_entropy. Both take log-probs in float32 whatever the model dtype.
+    """
+    mask = completion_mask[:, 1:].bool()
+    if fused:
+        hidden = final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention_mask})[:, :-1][mask]
+        head = unwrap(model).get_output_embeddings()
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+        token = TokenLogps.apply(hidden, head.weight, head.bias, input_ids[:, 1:][mask], chunk)
+        rows = mask.nonzero()[:, 0]
+        logps = torch.zeros(input_ids.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
+        return logps, mask.sum(dim=-1)
+    width = input_ids.shape[1]
+    start = max(int(completion_mask.argmax(dim=1).min()) - 1, 0)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if logits_to_keep and start > 0:
+        kwargs["logits_to_keep"] = width - start
+    else:
+        start = 0
+    logits = model(**kwargs).logits[:, :-1]
+    targets = input_ids[:, start + 1:]
+    mask = mask[:, start:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                          targets.masked_fill(~mask, -100).reshape(-1), reduction="none").view(targets.shape)
+    return -nll.sum(dim=-1), mask.sum(dim=-1)
+
+
+def packed_completion_logps(model, batch: dict, *, fused: bool = False):
+    """completion_logps for the packed layouts (preference.collate_pairs_packed / collate_pairs_shared): one
+    row, sequences kept apart by varlen attention; the token at `score_from` predicts `score_target`, and
+    its log-prob is summed into its sequence (`score_sequence`: chosen 0..n-1, rejected n..2n-1)."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **flash_attn_kwargs(batch)}
+    at, targets, rows = batch["score_from"], batch["score_target"], batch["score_sequence"]
+    if fused:
+        hidden = final_hidden_states(model, inputs)[0, at]
+        head = unwrap(model).get_output_embeddings()
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+        token = TokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)
+    else:
+        logits = model(**inputs, use_cache=False).logits[0, at]
+        token = -F.cross_entropy(logits.float(), targets, reduction="none")
+    n = 2 * int(batch["pairs"])
+    logps = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, rows, token)
+    return logps, torch.bincount(rows, minlength=n)
+
+
+def _first_sequence(batch: dict) -> dict:
+    """Model inputs for the batch's first sequence alone (padded or packed layout)."""
+    if "cu_seq_lens" in batch:
+        end = int(batch["cu_seq_lens"][1])
+        return {"input_ids": batch["input_ids"][:, :end], "position_ids": batch["position_ids"][:, :end]}
+    return {k: batch[k][:1] for k in ("input_ids", "attention_mask")}
+
+
+def choose_logps_path(model, batch: dict) -> str:
+    """"fused" when the model's own logits for a position equal lm_head(last hidden state) (checked on
+    one row), else "logits" (with logits_to_keep) or "logits_full"."""
+    keep = accepts_logits_to_keep(model)
+    if fused_head_usable(model):
+        row = _first_sequence(batch)
+        with torch.no_grad():
+            out, hidden = forward_with_final_hidden(model, row)
+            head = unwrap(model).get_output_embeddings()
+            own = out.logits[:, -1].float()
+            ours = F.linear(hidden[:, -1], head.weight, head.bias).float()
+        if torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(own.abs().max()))):
+            log.info("log-probs: completion positions only, through the LM head in chunks (fused path)")
+            return "fused"
+        log.warning("this model's logits are not lm_head(hidden state); DPO log-probs use the full logits path")
+    return "logits" if keep else "logits_full"

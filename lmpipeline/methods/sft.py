@@ -36,7 +36,7 @@ from lmpipeline.data.build import (
 )
 from lmpipeline.data.packing import flash_attn_kwargs
 from lmpipeline.errors import UserError
-from lmpipeline.methods.lifecycle import run_training, save_final
+from lmpipeline.methods.lifecycle import checked_config, run_training, save_final
 from lmpipeline.methods.logprobs import fused_head_usable, hidden_token_logps
 from lmpipeline.methods.method import InspectView, Method, no_reference
 from lmpipeline.models import attention, loading
@@ -184,11 +184,7 @@ class SFTStage:
     """`SFTStage(config).execute(model, tokenizer)` -> StageResult (the Python API)."""
 
     def __init__(self, config: SFTConfig):
-        if not isinstance(config, SFTConfig):
-            raise TypeError(f"SFTStage needs an SFTConfig, got {type(config).__name__}")
-        if not config.output_dir:
-            raise UserError("no output_dir given", key="output_dir")
-        self.config = config
+        self.config = checked_config(config, SFTConfig, "SFTStage")
 
     def execute(self, model=None, tokenizer=None, *, model_name_or_path: str | None = None,
                 torch_dtype: str = "auto", resume: bool = False, data: SFTData | None = None) -> StageResult:

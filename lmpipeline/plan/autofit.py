@@ -28,7 +28,6 @@ size on the GPU and backs off (halving the micro-batch, raising GA) on out-of-me
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable
 
 from lmpipeline.config.presets import Architecture

@@ -1,0 +1,149 @@
+"""Where a chained method's policy starts after an earlier stage, and the adapter chain it leaves.
+
+    no previous stage       the base model (`model_name_or_path`), or an in-memory model.
+    after SFT with LoRA     `from_previous_stage: merge` (default): load the base, load the SFT adapter,
+                            merge it into the weights, add a fresh LoRA for this stage.
+                            `stack`: keep the SFT adapter as a frozen adapter named "sft" and train a
+                            second adapter "default" on top (both active in the policy).
+                            A folder given as `model_name_or_path` that holds an adapter is treated
+                            the same way (its adapter_config.json names the base).
+    after full fine-tuning  that stage's final/ folder is the base.
+    after a chained stage   its lmpipeline_chain.json is followed: every adapter in order.
+
+An adapter trained over earlier ones is saved with the chain file (models/adapter_chain.py) naming the
+base and every adapter in order, so evaluation, merge and package rebuild the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmpipeline.context import StageOutput
+from lmpipeline.errors import UserError
+from lmpipeline.models import loading
+from lmpipeline.models.adapter_chain import CHAIN_FILE, adapter_base, is_adapter, read_chain
+
+log = logging.getLogger(__name__)
+
+# The name the earlier adapter keeps when a new one is stacked on it (from_previous_stage: stack).
+STACK_REFERENCE_ADAPTER = "sft"
+
+
+@dataclass
+class StartPoint:
+    base: str | None                      # weights to load (None: an in-memory model was given)
+    merge: list[Path] = field(default_factory=list)   # adapters merged into the base, in order
+    stack: Path | None = None            # adapter kept frozen under the new one (from_previous_stage: stack)
+    stage_names: list[str | None] = field(default_factory=list)  # the stage that trained each chain adapter
+
+    @property
+    def chain(self) -> list[Path]:
+        return self.merge + ([self.stack] if self.stack else [])
+
+    def describe(self) -> str:
+        if not self.chain:
+            return "base model" if self.base else "model given in memory"
+        if self.stack:
+            return "sft adapter stacked (frozen) under a new adapter"
+        return "sft merged into base"
+
+
+def adapter_chain(final_dir: Path, name: str | None = None) -> tuple[str | None, list[Path], list[str | None]]:
+    """(base model, adapters to apply in order, their stage names) that an adapter folder needs: its
+    own chain file when it has one (a DPO adapter trained over SFT), else itself on the base it names.
+    A chain entry's relative path wins; its absolute path is the fallback (a run folder moved)."""
+    chain = read_chain(final_dir)
+    if chain is None:
+        return adapter_base(final_dir), [final_dir.resolve()], [name]
+    return chain
+
+
+def resolve_start(cfg, model_name_or_path: str | None, previous: StageOutput | None) -> StartPoint:
+    if previous is not None and previous.final_dir is not None:
+        final = Path(previous.final_dir)
+        if not previous.adapter:
+            return StartPoint(base=str(final))
+        base, chain, names = adapter_chain(final, previous.name)
+        base = model_name_or_path if model_name_or_path and not is_adapter(model_name_or_path) else base
+    elif model_name_or_path and is_adapter(model_name_or_path):
+        folder = Path(model_name_or_path)
+        base, chain, names = adapter_chain(folder, folder.parent.name if folder.name == "final" else folder.name)
+    else:
+        return StartPoint(base=model_name_or_path)
+    if not base:
+        raise UserError(f"cannot tell the base model of adapter `{chain[-1]}` (adapter_config.json names none)",
+                        key="model_name_or_path", hint="set model_name_or_path to the base model")
+    if cfg.from_previous_stage == "stack":
+        return StartPoint(base=base, merge=chain[:-1], stack=chain[-1], stage_names=names)
+    return StartPoint(base=base, merge=chain, stage_names=names)
+
+
+def load_start(start: StartPoint, cfg, torch_dtype: str):
+    from peft import PeftModel
+
+    loading.quantization_config(cfg)  # fails now, with the key, if QLoRA is asked for without a GPU
+    model = loading.load_model(start.base, cfg, torch_dtype=torch_dtype)
+    for adapter in start.merge:
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            log.warning("merging %s into a quantised base re-quantises the merged weights (small rounding); "
+                        "from_previous_stage: stack avoids it", adapter)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        log.info("merged adapter %s into the base", adapter)
+    if start.stack is not None:
+        model = PeftModel.from_pretrained(model, str(start.stack), adapter_name=STACK_REFERENCE_ADAPTER,
+                                          is_trainable=False)
+        log.info("stacked adapter %s (frozen, as %r)", start.stack, STACK_REFERENCE_ADAPTER)
+    return model
+
+
+def add_stacked_lora(model, cfg):
+    """A trainable LoRA "default" on top of the frozen reference adapter; both active in the policy."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=cfg.lora_target_modules, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
+                        task_type="CAUSAL_LM", bias="none")
+    model.add_adapter("default", config)
+    model.active_adapter = "default"  # PeftModel reads its config by this name
+    model.base_model.set_adapter([STACK_REFERENCE_ADAPTER, "default"])
+    model.set_requires_grad(STACK_REFERENCE_ADAPTER, requires_grad=False)
+    return model
+
+
+def write_chain(final_dir: Path, start: StartPoint, stage_name: str) -> Path:
+    """final/lmpipeline_chain.json: the base and the ordered adapters that make this stage's model."""
+    entries = [{"stage": name, "path": os.path.relpath(p, final_dir), "abs_path": str(p)}
+               for p, name in zip(start.chain, start.stage_names)]
+    entries.append({"stage": stage_name, "path": ".", "abs_path": str(final_dir.resolve())})
+    data = {
+        "format": "lmpipeline-adapter-chain/1",
+        "base_model": start.base,
+        "adapters": entries,
+        "apply": "load base_model, then for each adapter in order: PeftModel.from_pretrained + merge_and_unload "
+                 "(LoRA deltas add, so merged and stacked give the same weights)",
+        "trained_as": "stack" if start.stack is not None else "merge",
+    }
+    path = final_dir / CHAIN_FILE
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+@contextmanager
+def only_adapters(peft_model, names: list[str]):
+    """Temporarily make only `names` active (peft's set_adapter also flips requires_grad: restore it).
+    Called before the policy forward of a step, so no autograd graph sees the flip."""
+    tuner = peft_model.base_model
+    before = list(tuner.active_adapters)
+    grads = [(p, p.requires_grad) for p in peft_model.parameters()]
+    tuner.set_adapter(names)
+    try:
+        yield
+    finally:
+        tuner.set_adapter(before)
+        for p, g in grads:
+            p.requires_grad_(g)
