@@ -125,7 +125,7 @@ class SFTRecipe:
         return model
 
     def speedups(self, model) -> TrainingSpeedups:
-        cfg = self.cfg = _resolve_padding_free(self.cfg, model)
+        cfg = self.cfg = resolve_padding_free(self.cfg, model)
         packed = cfg.padding_free or (cfg.packing and cfg.packing_strategy in ("bfd", "ffd"))
         return TrainingSpeedups(model, cfg, packed=packed)
 
@@ -167,7 +167,7 @@ class SFTRecipe:
         return {}
 
 
-def _resolve_padding_free(cfg: SFTConfig, model) -> SFTConfig:
+def resolve_padding_free(cfg: SFTConfig, model) -> SFTConfig:
     """padding_free: auto becomes true or false once the model is known (schema.padding_free_on)."""
     if cfg.padding_free != "auto":
         return cfg

@@ -158,12 +158,11 @@ def test_padding_free_auto_follows_the_kernel(monkeypatch):
     """padding_free: auto is on where varlen runs, off with packing (bins are end to end already) and with
     NEFTune (its noise scales with the row length); explicit values are kept."""
     from lmpipeline.config.schema import SFTConfig
-    from lmpipeline.methods.sft import SFTStage
+    from lmpipeline.methods.sft import resolve_padding_free as resolve
 
     model = _tiny_llama()
     cfg = SFTConfig(stage_name="sft", output_dir="/tmp/unused", dataset_name_or_path="unused.jsonl")
     assert cfg.padding_free == "auto"
-    resolve = SFTStage._resolve_padding_free
     monkeypatch.setattr(attention, "kernel_available", lambda device=None: False)
     assert resolve(cfg, model).padding_free is False
     monkeypatch.setattr(attention, "kernel_available", lambda device=None: True)
