@@ -76,7 +76,7 @@ from lmpipeline.data.preference import (
 )
 from lmpipeline.errors import UserError
 from lmpipeline.methods import losses, ref_cache
-from lmpipeline.methods.lifecycle import checked_config, run_training, save_final
+from lmpipeline.methods.lifecycle import checked_config, run_training
 from lmpipeline.methods.logprobs import (
     choose_logps_path,
     completion_logps,
@@ -85,16 +85,7 @@ from lmpipeline.methods.logprobs import (
 )
 from lmpipeline.methods.method import InspectView, Method
 from lmpipeline.methods.reference import broadcast, disable_dropout, gather_ordered
-from lmpipeline.methods.start import (
-    STACK_REFERENCE_ADAPTER,
-    StartPoint,
-    add_stacked_lora,
-    load_start,
-    only_adapters,
-    resolve_start,
-    write_chain,
-)
-from lmpipeline.models import loading
+from lmpipeline.methods.start import STACK_REFERENCE_ADAPTER, ChainedStart, StartPoint, only_adapters
 from lmpipeline.models.speedups import TrainingSpeedups
 from lmpipeline.plan.estimate import EstimatorTerms
 from lmpipeline.train.loop import autocast_for
@@ -236,10 +227,8 @@ class DPORecipe:
                  has_model: bool):
         self.cfg = cfg
         self.method = METHOD
-        self.requested = model_name_or_path
-        self.previous = previous
-        self.has_model = has_model
-        self.start = StartPoint(base=None)
+        self.start = ChainedStart(model_name_or_path, previous, has_model=has_model,
+                                  key=f"stage_configs.{cfg.stage_name or 'dpo'}.")
         self.layout = "padded"  # preference.pair_layout, once the speed-ups are known
         self.mode = "none"
         self.ref_model = None
@@ -252,29 +241,19 @@ class DPORecipe:
 
     def check(self) -> None:
         cfg = self.cfg
-        if not self.has_model and self.requested is None and self.previous is None:
-            raise UserError("DPOStage.execute needs a model, model_name_or_path or a previous stage")
         try:
             losses.check_params(cfg.loss_type, losses.LossParams(cfg.beta, cfg.label_smoothing, cfg.simpo_gamma))
         except ValueError as e:
             raise UserError(str(e), key=self._key("label_smoothing")) from None
         if "simpo_gamma" in cfg.model_fields_set and cfg.loss_type != "simpo":
             log.warning("simpo_gamma is only used by loss_type: simpo; loss_type is %s", cfg.loss_type)
-        if not self.has_model:
-            self.start = resolve_start(cfg, self.requested, self.previous)
-        if self.start.stack is not None and not cfg.use_lora:
-            raise UserError("from_previous_stage: stack trains a second adapter and needs use_lora: true",
-                            key=self._key("from_previous_stage"),
-                            hint="use from_previous_stage: merge for full fine-tuning")
+        self.start.resolve(cfg, "DPOStage")
 
     def model_reference(self) -> str | None:
-        return self.start.base
+        return self.start.point.base
 
     def tokenizer_source(self) -> str:
-        if self.start.base is None:
-            raise UserError("DPOStage.execute: give the tokenizer with an in-memory model")
-        return next((str(p) for p in reversed(self.start.chain) if (p / "tokenizer_config.json").exists()),
-                    self.start.base)
+        return self.start.tokenizer_source("DPOStage")
 
     def build_data(self, tokenizer) -> PreferenceData:
         return build_preference_data(self.cfg, tokenizer)
@@ -285,15 +264,8 @@ class DPORecipe:
     def load_model(self, model, torch_dtype: str):
         cfg = self.cfg
         self.torch_dtype = torch_dtype
-        if model is None:
-            model = load_start(self.start, cfg, torch_dtype)
-        elif hasattr(model, "peft_config"):  # an adapter handed over in memory: it becomes part of the start
-            if cfg.from_previous_stage == "stack":
-                raise UserError("from_previous_stage: stack needs the earlier adapter on disk",
-                                key=self._key("from_previous_stage"),
-                                hint="pass previous= (or its folder as model_name_or_path), or use merge")
-            model = model.merge_and_unload()
-        self.mode = reference_mode(cfg, stacked=self.start.stack is not None, key=self._key("reference"))
+        model = self.start.load(model, cfg, torch_dtype)
+        self.mode = reference_mode(cfg, stacked=self.start.stacked, key=self._key("reference"))
         if self.mode == "frozen_copy":  # copied before any patch or adapter: the starting model itself
             self.ref_model = copy.deepcopy(model).eval()
             self.ref_model.requires_grad_(False)
@@ -301,18 +273,15 @@ class DPORecipe:
 
     def prepare_model(self, model):
         cfg = self.cfg
-        if cfg.use_lora:
-            model = add_stacked_lora(model, cfg) if self.start.stack is not None else loading.apply_lora(model, cfg)
+        model = self.start.add_adapter(model, cfg)
         dropped = disable_dropout(model) + (disable_dropout(self.ref_model) if self.ref_model is not None else 0)
         if dropped:
             log.info("dropout disabled in %d modules (policy and reference must be the same network)", dropped)
         self._notes = {
             "loss_type": cfg.loss_type,
             "beta": cfg.beta,
-            "start": self.start.describe(),
-            "base_model": self.start.base,
-            "reference": _describe_reference(self.mode, self.start, self.in_memory),
-            "adapter_base_chain": [str(p) for p in self.start.chain],
+            **self.start.notes(),
+            "reference": _describe_reference(self.mode, self.start.point, self.in_memory),
             "dropout_disabled_modules": dropped,
             "ref_cache": "off",
         }
@@ -332,9 +301,9 @@ class DPORecipe:
         return speed
 
     def objective(self, model) -> DPOObjective:
-        stacked = self.start.stack is not None
         self.objective_used = DPOObjective.from_config(self.cfg, reference=self.mode, ref_model=self.ref_model,
-                                                       ref_adapters=[STACK_REFERENCE_ADAPTER] if stacked else None)
+                                                       ref_adapters=[STACK_REFERENCE_ADAPTER] if self.start.stacked
+                                                       else None)
         return self.objective_used
 
     def probe(self, model, data, tokenizer, objective) -> dict:
@@ -361,14 +330,7 @@ class DPORecipe:
         return nullcontext()
 
     def save(self, model, tokenizer, final_dir: Path, state_dict: dict | None) -> None:
-        cfg = self.cfg
-        if self.start.stack is not None and cfg.use_lora:
-            # Only the new adapter: the earlier one is in the chain.
-            save_final(model, tokenizer, final_dir, state_dict=state_dict, selected_adapters=["default"])
-        else:
-            save_final(model, tokenizer, final_dir, state_dict=state_dict)
-        if self.start.chain and cfg.use_lora:
-            write_chain(final_dir, self.start, cfg.stage_name or "dpo")
+        self.start.save(model, tokenizer, final_dir, state_dict, self.cfg, self.cfg.stage_name or "dpo")
 
     def notes(self) -> dict:
         return self._notes
@@ -382,7 +344,7 @@ class DPORecipe:
             inner = objective.ref_model if mode == "frozen_copy" else unwrap(model)
             reference = ref_cache.reference_fingerprint(model=inner, settings=settings, skip="lora_")
         else:
-            reference = ref_cache.reference_fingerprint(base=self.start.base, adapters=self.start.chain,
+            reference = ref_cache.reference_fingerprint(base=self.start.point.base, adapters=self.start.point.chain,
                                                         settings=settings)
         data_fp = {"train": pairs_digest(data.train), "eval": pairs_digest(data.eval), "data": data.fingerprint,
                    "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": cfg.max_seq_length,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lmpipeline.context import StageOutput
 from lmpipeline.errors import UserError
+from lmpipeline.methods.lifecycle import save_final
 from lmpipeline.models import loading
 from lmpipeline.models.adapter_chain import CHAIN_FILE, adapter_base, is_adapter, read_chain
 
@@ -147,3 +148,70 @@ def only_adapters(peft_model, names: list[str]):
         tuner.set_adapter(before)
         for p, g in grads:
             p.requires_grad_(g)
+
+
+class ChainedStart:
+    """The start of a chained method's run, as one piece a recipe holds: the start point resolved from
+    the previous stage (or a folder, or an in-memory model), the starting model loaded, the method's
+    adapter added over it (fresh, or stacked on the frozen earlier one), and the final folder saved with
+    the adapter chain that rebuilds the trained model."""
+
+    def __init__(self, requested: str | None, previous: StageOutput | None, *, has_model: bool, key: str):
+        self.requested = requested
+        self.previous = previous
+        self.has_model = has_model
+        self.key = key  # "stage_configs.<stage>." for error messages
+        self.point = StartPoint(base=None)
+
+    @property
+    def stacked(self) -> bool:
+        return self.point.stack is not None
+
+    def resolve(self, cfg, stage_class: str) -> None:
+        """Find where the run starts; refuse what cannot work (before anything is loaded)."""
+        if not self.has_model and self.requested is None and self.previous is None:
+            raise UserError(f"{stage_class}.execute needs a model, model_name_or_path or a previous stage")
+        if not self.has_model:
+            self.point = resolve_start(cfg, self.requested, self.previous)
+        if self.stacked and not cfg.use_lora:
+            raise UserError("from_previous_stage: stack trains a second adapter and needs use_lora: true",
+                            key=self.key + "from_previous_stage",
+                            hint="use from_previous_stage: merge for full fine-tuning")
+
+    def tokenizer_source(self, stage_class: str) -> str:
+        if self.point.base is None:
+            raise UserError(f"{stage_class}.execute: give the tokenizer with an in-memory model")
+        return next((str(p) for p in reversed(self.point.chain) if (p / "tokenizer_config.json").exists()),
+                    self.point.base)
+
+    def load(self, model, cfg, torch_dtype: str):
+        """The starting model: loaded with its chain, or the in-memory one (an adapter given in memory is
+        merged: it becomes part of the start)."""
+        if model is None:
+            return load_start(self.point, cfg, torch_dtype)
+        if hasattr(model, "peft_config"):
+            if cfg.from_previous_stage == "stack":
+                raise UserError("from_previous_stage: stack needs the earlier adapter on disk",
+                                key=self.key + "from_previous_stage",
+                                hint="pass previous= (or its folder as model_name_or_path), or use merge")
+            model = model.merge_and_unload()
+        return model
+
+    def add_adapter(self, model, cfg):
+        """The method's trainable LoRA: stacked on the frozen earlier adapter, or fresh on the start."""
+        if not cfg.use_lora:
+            return model
+        return add_stacked_lora(model, cfg) if self.stacked else loading.apply_lora(model, cfg)
+
+    def save(self, model, tokenizer, final_dir: Path, state_dict: dict | None, cfg, stage_name: str) -> None:
+        if self.stacked and cfg.use_lora:
+            # Only the new adapter: the earlier one is in the chain.
+            save_final(model, tokenizer, final_dir, state_dict=state_dict, selected_adapters=["default"])
+        else:
+            save_final(model, tokenizer, final_dir, state_dict=state_dict)
+        if self.point.chain and cfg.use_lora:
+            write_chain(final_dir, self.point, stage_name)
+
+    def notes(self) -> dict:
+        return {"start": self.point.describe(), "base_model": self.point.base,
+                "adapter_base_chain": [str(p) for p in self.point.chain]}

@@ -26,6 +26,7 @@ from lmpipeline.data.templates import builtin_template
 from lmpipeline.data.preference import build_preference_data, collate_pairs, make_pair_plans, pair_as_example
 from lmpipeline.methods import dpo as dpo_mod
 from lmpipeline.methods.dpo import DPOObjective, DPOStage
+from lmpipeline.methods.start import resolve_start
 from lmpipeline.models.adapter_chain import CHAIN_FILE
 
 pytestmark = pytest.mark.integration
@@ -552,7 +553,7 @@ def test_full_fine_tuning_uses_a_frozen_copy(world, tmp_path):
 
 def test_adapter_folder_as_model_means_start_after_it(world, tmp_path, sft_stage):
     cfg = make_cfg(world, tmp_path / "o")
-    start = dpo_mod.resolve_start(cfg, str(sft_stage.final_dir), None)
+    start = resolve_start(cfg, str(sft_stage.final_dir), None)
     assert start.base == str(world["model_dir"]) and start.merge == [sft_stage.final_dir.resolve()]
 
 
