@@ -316,3 +316,19 @@ def key_location(cfg: PipelineConfig, dotted: str) -> str:
     file = getattr(cfg, "_source_file", None) or "<config>"
     line = getattr(cfg, "_key_lines", {}).get(dotted)
     return f"{file}:{line}" if line else file
+
+
+def select_stages(cfg: PipelineConfig, wanted: list[str]) -> PipelineConfig:
+    """Keep only the `wanted` stages of a loaded config, in the config's own order (`run --stages`).
+
+    The subset is stored as a derived value, so run.json says which stages ran and why. Raises
+    ConfigError naming every name that is not a stage of the config, with the stages it has."""
+    unknown = [w for w in wanted if w not in cfg.stages]
+    if unknown:
+        raise ConfigError([ConfigIssue("--stages", f"`{w}` is not a stage of this config{did_you_mean(w, cfg.stages)}; "
+                                                   f"its stages: {', '.join(cfg.stages)}", "--stages") for w in unknown])
+    if not wanted:
+        raise ConfigError([ConfigIssue("--stages", f"no stage named; its stages: {', '.join(cfg.stages)}", "--stages")])
+    cfg.stages = [s for s in cfg.stages if s in wanted]
+    cfg._derived["stages"] = list(cfg.stages)
+    return cfg

@@ -121,12 +121,15 @@ def _cli(*argv):
     return args.func(args)
 
 
-def test_commands(run, golden, tmp_path, capsys):
+def test_commands(run, golden, tmp_path, capsys, caplog):
     from lmpipeline.errors import UserError
 
-    assert _cli("eval", run, "--golden", golden, "--max-new-tokens", 2, "--no-base") == 0
+    with caplog.at_level("INFO"):
+        assert _cli("eval", run, "--golden", golden, "--max-new-tokens", 2, "--no-base") == 0
     out = capsys.readouterr().out
     assert "sft" in out and "dpo" in out and (run / "evaluation" / "results.json").is_file()
+    tables = [r for r in caplog.records if "results:" in r.getMessage()]
+    assert len(tables) == 1 and not any(line.startswith("model ") for line in out.splitlines())  # shown once
 
     answers = tmp_path / "answers.jsonl"
     assert _cli("generate", run, "--prompts", golden, "--output", answers, "--max-new-tokens", 3) == 0
@@ -163,7 +166,7 @@ def _stage_kinds_registered() -> bool:
 
 
 @pytest.mark.skipif(not _stage_kinds_registered(), reason="eval/merge/package stages are not wired into the pipeline yet")
-def test_pipeline_runs_sft_eval_merge_package(tmp_path, tiny_llama, golden, repo_root):
+def test_pipeline_runs_sft_eval_merge_package(tmp_path, tiny_llama, golden, repo_root, capsys):
     import yaml
 
     from lmpipeline.cli import main
@@ -184,6 +187,10 @@ def test_pipeline_runs_sft_eval_merge_package(tmp_path, tiny_llama, golden, repo
     assert [record["stages"][s]["status"] for s in ("sft", "eval", "merge", "package")] == ["done"] * 4
     (archive,) = (tmp_path / "run" / "package").glob("*.tar.gz")
     assert verify_archive(archive).ok
+    summary = capsys.readouterr().out
+    assert "None" not in summary  # the eval's numbers and the archive, not `eval: None` / `package: None`
+    assert "  eval: " in summary and "exact_match=" in summary and "results.json" in summary
+    assert f"  package: {archive}" in summary
 
 
 def test_pilot_trains_briefly_then_evaluates(tmp_path, tiny_llama, repo_root):
