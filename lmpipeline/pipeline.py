@@ -33,6 +33,7 @@ from lmpipeline.config.schema import STAGE_ALIASES, PipelineConfig
 from lmpipeline.context import RunContext, StageOutput, StageResult
 from lmpipeline.errors import OutputExistsError, UserError
 from lmpipeline.models.loading import check_model_reference
+from lmpipeline.plan.requirements import check_requirements
 from lmpipeline.train.loop import Preempted
 from lmpipeline.train.runtime import SECRET_ENV, distributed_state, shutdown_distributed
 
@@ -185,6 +186,7 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
                  resume: bool = False) -> dict:
     """Run every stage; returns the run record (also written to output_dir/run.json)."""
     check_references(cfg)
+    check_requirements(cfg)  # CUDA, bitsandbytes, trackers: fail now, as validate does, not after tokenising
     out, derived = resolve_output_dir(cfg, config_path)
     state = distributed_state()  # joins the process group under a multi-process launcher; else a no-op
     is_main = state.is_main_process
