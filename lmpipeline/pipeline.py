@@ -251,6 +251,8 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
             "notes": result.notes,
         })
         record.save()
+        if is_main and kind in TRAINING_KINDS and result.final_dir is not None:
+            _write_stage_card(result, stage_cfg, kind, cfg)
     record.data["finished"] = _now()
     record.save()
     if is_main:
@@ -293,6 +295,21 @@ def _prepare_on_main(state, out: Path, *, overwrite: bool, resume: bool) -> None
             error = UserError(f"the main process could not prepare the output folder: {message}")
     if error is not None:
         raise error
+
+
+def _write_stage_card(result: StageResult, stage_cfg, kind: str, cfg: PipelineConfig) -> None:
+    """<stage>/final/README.md: what was trained, on what, and how to load it (instead of PEFT's template)."""
+    from lmpipeline.evaluate.generation import read_chain_file
+    from lmpipeline.export.card import write_stage_card
+
+    try:
+        chain = read_chain_file(result.final_dir)
+        write_stage_card(result.final_dir, stage_name=result.stage_name, kind=kind,
+                         base_model=chain.base if chain else cfg.model_name_or_path, params=stage_cfg.model_dump(),
+                         data=result.data or {}, metrics=result.metrics or {}, global_step=result.global_step,
+                         adapter=result.adapter, chain=[str(a) for a in chain.adapters] if chain else None)
+    except Exception as e:  # noqa: BLE001 - the card describes the model; failing to write it must not fail the run
+        log.warning("[%s] model card not written: %s", result.stage_name, e)
 
 
 def _write_report(out: Path) -> None:

@@ -144,3 +144,12 @@ def test_stages_runs_a_subset_then_resume_runs_the_next_from_it(tmp_path, tiny_m
     record = json.loads((run / "run.json").read_text())
     assert list(record["stages"]) == ["sft", "dpo"] and record["stages"]["dpo"]["status"] == "done"
     assert record["stages"]["dpo"]["model"] == record["stages"]["sft"]["final_dir"]
+    # each adapter folder's README is its model card, not PEFT's empty template
+    sft_card = (run / "sft" / "final" / "README.md").read_text()
+    assert "Model Card for Model ID" not in sft_card and "supervised fine-tuning" in sft_card
+    assert str(quickstart_data / "sft_train.jsonl") in sft_card and "| lora_r | 16 |" in sft_card
+    assert f'PeftModel.from_pretrained(base_model, "{run / "sft" / "final"}")' in sft_card
+    dpo_card = (run / "dpo" / "final" / "README.md").read_text()
+    assert "preference optimisation" in dpo_card and "| beta | 0.1 |" in dpo_card
+    assert "on top of the earlier stages' adapters (sft)" in dpo_card  # and loads the chain in order
+    assert f"for adapter in {[str(run / 'sft' / 'final'), str(run / 'dpo' / 'final')]!r}" in dpo_card
