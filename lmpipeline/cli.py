@@ -4,7 +4,7 @@
     lmpipeline validate CONFIG [--set ...] [--config-only]
     lmpipeline data inspect CONFIG [--stage S] [-n N] [--jsonl]
     lmpipeline eval | generate | chat | merge | package | report ...   (lmpipeline/commands/)
-    python -m lmpipeline --config CONFIG [--set ...]        (seed 001's form of `run`)
+    python -m lmpipeline --config CONFIG [--set ...]        (`run`, as TRL-style scripts are started)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        p.add_argument("config", help="YAML config (pipeline form of seed 001, or sectioned form of seed 000)")
+        p.add_argument("config", help="YAML config (the pipeline form, or a sectioned model/lora/training/dataset config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set stage_configs.sft.learning_rate=1e-4 (repeatable)")
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    bench_cmd):
         module.add_parser(sub)
     run.add_argument("--pilot", nargs="?", const=100, type=int, metavar="STEPS",
-                     help="pilot (seed 002): the first training stage for STEPS steps (default 100) on the golden "
+                     help="pilot: the first training stage for STEPS steps (default 100) on the golden "
                           "set, then eval, sample generations and whether the loss fell")
     return parser
 

@@ -1,7 +1,7 @@
 """`lmpipeline slurm CONFIG --nodes M --gpus-per-node G [...]` and `lmpipeline slurm --setup`.
 
 Writes an sbatch script (training with preemption and optional requeue, or the venv set-up of
-seed 003), prints its path, and submits it with --submit; see lmpipeline/launch/slurm.py.
+a cluster's environment), prints its path, and submits it with --submit; see lmpipeline/launch/slurm.py.
 """
 
 from __future__ import annotations
