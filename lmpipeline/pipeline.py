@@ -300,14 +300,16 @@ def _prepare_on_main(state, out: Path, *, overwrite: bool, resume: bool) -> None
 def _write_stage_card(result: StageResult, stage_cfg, kind: str, cfg: PipelineConfig) -> None:
     """<stage>/final/README.md: what was trained, on what, and how to load it (instead of PEFT's template)."""
     from lmpipeline.evaluate.generation import read_chain_file
-    from lmpipeline.export.card import write_stage_card
+    from lmpipeline.export.card import render_stage_card
 
     try:
         chain = read_chain_file(result.final_dir)
-        write_stage_card(result.final_dir, stage_name=result.stage_name, kind=kind,
-                         base_model=chain.base if chain else cfg.model_name_or_path, params=stage_cfg.model_dump(),
-                         data=result.data or {}, metrics=result.metrics or {}, global_step=result.global_step,
-                         adapter=result.adapter, chain=[str(a) for a in chain.adapters] if chain else None)
+        card = render_stage_card(result.final_dir, stage_name=result.stage_name, kind=kind,
+                                 base_model=chain.base if chain else cfg.model_name_or_path,
+                                 params=stage_cfg.model_dump(), data=result.data or {}, metrics=result.metrics or {},
+                                 global_step=result.global_step, adapter=result.adapter,
+                                 chain=[str(a) for a in chain.adapters] if chain else None)
+        (result.final_dir / "README.md").write_text(redact(card), encoding="utf-8")  # paths may hold a token
     except Exception as e:  # noqa: BLE001 - the card describes the model; failing to write it must not fail the run
         log.warning("[%s] model card not written: %s", result.stage_name, e)
 

@@ -235,11 +235,5 @@ def render_stage_card(final_dir: Path, *, stage_name: str, kind: str, base_model
     return "\n".join(lines)
 
 
-def write_stage_card(final_dir: Path, **kwargs) -> Path:
-    path = Path(final_dir) / "README.md"
-    path.write_text(render_stage_card(Path(final_dir), **kwargs), encoding="utf-8")
-    return path
 
-
-__all__ = ["render_card", "usage_code", "front_matter", "card_tags", "looks_like_hub_id", "render_stage_card",
-           "write_stage_card"]
+__all__ = ["render_card", "usage_code", "front_matter", "card_tags", "looks_like_hub_id", "render_stage_card"]
