@@ -19,11 +19,16 @@ from lmpipeline.config.errors import ConfigError
 from lmpipeline.numbers import fmt_number
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (torchrun and accelerate set RANK), or a process run on its own."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def console_handler(level: int) -> logging.Handler:
     """The terminal's log handler. Under `launch` every process logs; the terminal gets the main process's
     lines once, and the others' only when they warn (each keeps its full log in <run>/logs/rank-R.log)."""
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(level if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    console.setLevel(level if is_main_process() else logging.WARNING)
     return console
 
 
@@ -166,6 +171,8 @@ def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool, st
     if stages is not None:
         cfg = select_stages(cfg, stages)
     record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume)
+    if not is_main_process():
+        return 0  # the main process prints the summary, once
     out = record["config"].get("output_dir") or record.get("derived", {}).get("output_dir")
     print(f"done: {len(record['stages'])} stage(s); outputs in {out}")
     for name, st in record["stages"].items():

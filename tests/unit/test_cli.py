@@ -51,3 +51,14 @@ def test_only_the_main_process_logs_info_to_the_terminal(monkeypatch, rank, leve
     else:
         monkeypatch.setenv("RANK", rank)
     assert console_handler(logging.INFO).level == level
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_the_summary_is_printed_once_per_launch(repo_root, monkeypatch, capsys, rank, printed):
+    import lmpipeline.pipeline
+
+    record = {"config": {"output_dir": "outputs/q"}, "stages": {"sft": {"final_dir": "outputs/q/sft/final"}}}
+    monkeypatch.setattr(lmpipeline.pipeline, "run_pipeline", lambda cfg, **kw: record)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["run", str(repo_root / "examples" / "quickstart.yaml"), "--stages", "sft"]) == 0
+    assert ("done: 1 stage(s); outputs in outputs/q" in capsys.readouterr().out) is printed
