@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume)
         if args.command == "run":
             if args.pilot:
+                if args.stages is not None:
+                    raise UserError("--stages does not combine with --pilot (a pilot runs the first training stage)",
+                                    key="--stages")
                 from lmpipeline.evaluate.pilot import run_pilot
 
                 run_pilot(args.config, args.overrides, steps=args.pilot, overwrite=args.overwrite)

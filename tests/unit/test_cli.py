@@ -62,3 +62,8 @@ def test_the_summary_is_printed_once_per_launch(repo_root, monkeypatch, capsys, 
     monkeypatch.setenv("RANK", rank)
     assert main(["run", str(repo_root / "examples" / "quickstart.yaml"), "--stages", "sft"]) == 0
     assert ("done: 1 stage(s); outputs in outputs/q" in capsys.readouterr().out) is printed
+
+
+def test_stages_and_pilot_do_not_combine(repo_root, capsys):
+    assert main(["run", str(repo_root / "examples" / "quickstart.yaml"), "--pilot", "3", "--stages", "sft"]) == 2
+    assert "--stages does not combine with --pilot" in capsys.readouterr().err
