@@ -25,18 +25,19 @@ log = logging.getLogger(__name__)
 # transformers' v6 renamings (gradient_checkpointing_* -> activation_checkpointing_*), warned on every load
 # and adapter set-up, mostly from peft's own calls: nothing a user of lmpipeline can act on.
 RENAMING_WARNINGS = r"`\w+` is deprecated and will be removed in v6"
-# transformers' bar over the tensors of a checkpoint already on disk: a bar per model load, next to the
-# log lines. Download bars (a Hub model fetched for the first time) stay: those take minutes.
-LOADING_BAR = "Loading weights"
+# transformers' bars over a checkpoint's tensors as it is read from disk and over its shards as it is
+# saved: a bar per model load or save, between the log lines (which say when a model is written).
+# Download bars (a Hub model fetched for the first time) stay: those take minutes.
+QUIET_BARS = ("Loading weights", "Writing model shards")
 
 
 def hide_loading_noise() -> None:
-    """Silence what every model load prints that is not the user's business (see the two constants)."""
+    """Silence what every model load and save prints that is not the user's business (the constants above)."""
     warnings.filterwarnings("ignore", message=RENAMING_WARNINGS, category=FutureWarning)
     set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5 draws the loading bar through it
     if set_hook is not None:
         set_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs)
-                 if kwargs.get("desc") == LOADING_BAR else factory(*args, **kwargs))
+                 if kwargs.get("desc") in QUIET_BARS else factory(*args, **kwargs))
 
 
 hide_loading_noise()
