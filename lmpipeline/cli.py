@@ -4,7 +4,7 @@
     lmpipeline validate CONFIG [--set ...] [--config-only]
     lmpipeline data inspect CONFIG [--stage S] [-n N] [--jsonl]
     lmpipeline eval | generate | chat | merge | package | report ...   (lmpipeline/commands/)
-    python -m lmpipeline --config CONFIG [--set ...]        (seed 001's form of `run`)
+    python -m lmpipeline --config CONFIG [--set ...]        (`run`, as TRL-style scripts are started)
 """
 
 from __future__ import annotations
@@ -14,16 +14,28 @@ import logging
 import os
 import sys
 
+from lmpipeline import __version__
 from lmpipeline.config.errors import ConfigError
+from lmpipeline.numbers import fmt_number
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (torchrun and accelerate set RANK), or a process run on its own."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def console_handler(level: int) -> logging.Handler:
+    """The terminal's log handler. Under `launch` every process logs; the terminal gets the main process's
+    lines once, and the others' only when they warn (each keeps its full log in <run>/logs/rank-R.log)."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level if is_main_process() else logging.WARNING)
+    return console
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[console_handler(level)])
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,13 +43,14 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        p.add_argument("config", help="YAML config (pipeline form of seed 001, or sectioned form of seed 000)")
+        p.add_argument("config", help="YAML config (the pipeline form, or a sectioned model/lora/training/dataset config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set stage_configs.sft.learning_rate=1e-4 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipeline", description="Post-train Hugging Face causal LMs from one YAML config.")
+    parser.add_argument("--version", action="version", version=f"lmpipeline {__version__}")
     parser.add_argument("--config", help="run this config (same as `lmpipeline run CONFIG`)")
     parser.add_argument("--set", dest="top_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (with --config)")
@@ -51,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    run.add_argument("--stages", type=_stage_list, metavar="NAME[,NAME...]",
+                     help="run only these of the config's stages, in the config's order (e.g. --stages sft or "
+                          "--stages sft,dpo); with --resume, a later stage starts from the run's earlier ones")
 
     val = sub.add_parser("validate", help="check a config and its data without training",
                          description="Check the config, then the model reference and every data row; no training.")
@@ -74,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    bench_cmd):
         module.add_parser(sub)
     run.add_argument("--pilot", nargs="?", const=100, type=int, metavar="STEPS",
-                     help="pilot (seed 002): the first training stage for STEPS steps (default 100) on the golden "
+                     help="pilot: the first training stage for STEPS steps (default 100) on the golden "
                           "set, then eval, sample generations and whether the loss fell")
     return parser
 
@@ -96,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume)
         if args.command == "run":
             if args.pilot:
+                if args.stages is not None:
+                    raise UserError("--stages does not combine with --pilot (a pilot runs the first training stage)",
+                                    key="--stages")
                 from lmpipeline.evaluate.pilot import run_pilot
 
                 run_pilot(args.config, args.overrides, steps=args.pilot, overwrite=args.overwrite)
                 return 0
-            return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume)
+            return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume, stages=args.stages)
         if args.command == "validate":
             from lmpipeline.commands.validate import validate_command
 
@@ -128,18 +147,39 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool) -> int:
-    from lmpipeline.config.loader import load_config
+def _stage_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def stage_summary(name: str, entry: dict) -> str:
+    """One line of the end-of-run summary: where the stage's result is, and its numbers (an eval's beside
+    the base model's): `eval: exact_match=0.303 (base 0), ... -> outputs/x/eval/results.json`."""
+    notes = entry.get("notes") or {}
+    where = notes.get("archive") or notes.get("results") or entry.get("final_dir")
+    metrics = entry.get("metrics") or {}
+    shown = []
+    for key, value in metrics.items():
+        if key.startswith("base_") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        base = metrics.get(f"base_{key}")
+        shown.append(f"{key}={fmt_number(value)}" + (f" (base {fmt_number(base)})" if isinstance(base, (int, float)) else ""))
+    return f"  {name}: " + ", ".join(shown) + (" -> " if shown and where else "") + (str(where) if where else "")
+
+
+def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool, stages: list[str] | None = None) -> int:
+    from lmpipeline.config.loader import load_config, select_stages
     from lmpipeline.pipeline import run_pipeline
 
     cfg = load_config(config, overrides)
+    if stages is not None:
+        cfg = select_stages(cfg, stages)
     record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume)
+    if not is_main_process():
+        return 0  # the main process prints the summary, once
     out = record["config"].get("output_dir") or record.get("derived", {}).get("output_dir")
     print(f"done: {len(record['stages'])} stage(s); outputs in {out}")
     for name, st in record["stages"].items():
-        m = st.get("metrics") or {}
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
-        print(f"  {name}: {st.get('final_dir')}" + (f"  ({shown})" if shown else ""))
+        print(stage_summary(name, st))
     return 0
 
 

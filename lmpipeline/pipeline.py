@@ -32,11 +32,14 @@ from lmpipeline.config.loader import key_location
 from lmpipeline.config.schema import STAGE_ALIASES, PipelineConfig
 from lmpipeline.context import RUN_FILE, RunContext, StageOutput, StageResult
 from lmpipeline.errors import OutputExistsError, UserError
+from lmpipeline.evaluate.generation import read_chain_file
 from lmpipeline.evaluate.stage import EvalStage
+from lmpipeline.export.card import render_stage_card
 from lmpipeline.export.merge import MergeStage
 from lmpipeline.export.package import PackageStage
 from lmpipeline.methods import method_for
 from lmpipeline.models.loading import check_model_reference, load_tokenizer
+from lmpipeline.plan.requirements import check_requirements
 from lmpipeline.plan.stage_plan import prepare_stage
 from lmpipeline.report.html import write_report
 from lmpipeline.secrets import redact
@@ -166,6 +169,7 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
                  resume: bool = False) -> dict:
     """Run every stage; returns the run record (also written to output_dir/run.json)."""
     check_references(cfg)
+    check_requirements(cfg)  # CUDA, bitsandbytes, trackers: fail now, as validate does, not after tokenising
     out, derived = resolve_output_dir(cfg, config_path)
     state = distributed_state()  # joins the process group under a multi-process launcher; else a no-op
     is_main = state.is_main_process
@@ -232,6 +236,8 @@ def run_pipeline(cfg: PipelineConfig, *, config_path: str | None = None, overwri
             "notes": result.notes,
         })
         record.save()
+        if is_main and method is not None and result.final_dir is not None:
+            _write_stage_card(result, stage_cfg, method, cfg)
     record.data["finished"] = _now()
     record.save()
     if is_main:
@@ -272,6 +278,21 @@ def _prepare_on_main(state, out: Path, *, overwrite: bool, resume: bool) -> None
             error = UserError(f"the main process could not prepare the output folder: {message}")
     if error is not None:
         raise error
+
+
+def _write_stage_card(result: StageResult, stage_cfg, method, cfg: PipelineConfig) -> None:
+    """<stage>/final/README.md: what was trained, on what, and how to load it (instead of PEFT's template)."""
+    try:
+        chain = read_chain_file(result.final_dir)
+        card = render_stage_card(result.final_dir, stage_name=result.stage_name, kind=method.name,
+                                 method_title=method.title, shown_keys=method.card_keys,
+                                 base_model=chain.base if chain else cfg.model_name_or_path,
+                                 params=stage_cfg.model_dump(), data=result.data or {}, metrics=result.metrics or {},
+                                 global_step=result.global_step, adapter=result.adapter,
+                                 chain=[str(a) for a in chain.adapters] if chain else None)
+        (result.final_dir / "README.md").write_text(redact(card), encoding="utf-8")  # paths may hold a token
+    except Exception as e:  # noqa: BLE001 - the card describes the model; failing to write it must not fail the run
+        log.warning("[%s] model card not written: %s", result.stage_name, e)
 
 
 def _write_report(out: Path) -> None:

@@ -28,7 +28,7 @@ def eval_command(path: str, *, golden: str | None = None, data: str | None = Non
     from lmpipeline.config.lifecycle import EvalConfig
     from lmpipeline.context import RunContext, StageOutput
     from lmpipeline.evaluate import generation as gen
-    from lmpipeline.evaluate.stage import EvalStage, format_table
+    from lmpipeline.evaluate.stage import EvalStage
 
     if not golden and not data:
         raise UserError("give --golden FILE (prompts to generate for) and/or --data FILE (loss and perplexity)")
@@ -70,8 +70,7 @@ def eval_command(path: str, *, golden: str | None = None, data: str | None = Non
 
     from lmpipeline.evaluate.stage import RESULTS_FILE, SAMPLES_FILE
 
-    results = json.loads((result.output_dir / RESULTS_FILE).read_text())
-    print(format_table(results["models"]))
+    # The stage has logged the results table already: printing it again would show it twice.
     samples_path = result.output_dir / SAMPLES_FILE
     if samples_path.is_file() and num_print_samples:
         for line in samples_path.read_text().splitlines()[:num_print_samples]:

@@ -37,6 +37,8 @@ def inspect_command(config: str, overrides: list[str], *, stage: str | None, n: 
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, eos_token=stage_cfg.eos_token,
                                pad_token=stage_cfg.pad_token, trust_remote_code=stage_cfg.trust_remote_code)
     color = sys.stdout.isatty() and not as_jsonl
+    if not as_jsonl:
+        print(masking.render_legend(color))
 
     view = method.inspect(stage_cfg, tokenizer, n)
     for source, note, rows in view.items:

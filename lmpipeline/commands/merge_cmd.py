@@ -1,12 +1,36 @@
-"""`lmpipeline merge PATH --output DIR [--dtype ...]`: merge LoRA adapter(s) into the base, save full weights."""
+"""`lmpipeline merge PATH [--output DIR] [--dtype ...]`: merge LoRA adapter(s) into the base, save full weights.
+
+For a run folder the adapter chain merged is the latest adapter stage's (e.g. sft -> dpo). A run whose
+merge stage already merged that chain holds the merged model: without --output the command says where it
+is and writes nothing (exit 0); with --output it merges the chain again there (e.g. in another dtype).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from lmpipeline.errors import UserError
 
-def merge_command(path: str, output: str, *, dtype: str = "auto", base_model: str | None = None,
+
+def _adapter_stage(run, chosen: str | None):
+    """(stage whose chain to merge, merge stage that already holds it or None) for a run. `chosen` is the
+    stage asked for (--stage, or the stage folder given as PATH); None means the run's latest model."""
+    stages = run.model_stages()
+    if chosen is not None:
+        info = run.stage(chosen)
+        if info.kind != "merge":
+            return info.name, None
+        stages = stages[: stages.index(info) + 1] if info in stages else stages
+    adapters = [s for s in stages if s.adapter]
+    if not adapters:
+        return chosen, None  # nothing to merge: merge_model explains (a full fine-tuning run)
+    latest = adapters[-1]
+    merged = [s for s in stages[stages.index(latest) + 1:] if s.kind == "merge"]
+    return latest.name, (merged[-1] if merged else None)
+
+
+def merge_command(path: str, output: str | None, *, dtype: str = "auto", base_model: str | None = None,
                   max_shard_size: str = "5GB", stage: str | None = None, overwrite: bool = False,
                   quantized_base: str = "original", device: str = "cpu", allow_pickle_weights: bool = False) -> int:
     from lmpipeline.evaluate import generation as gen
@@ -17,10 +41,19 @@ def merge_command(path: str, output: str, *, dtype: str = "auto", base_model: st
     quant = {}
     if found is not None:
         run = gen.read_run(found[0])
-        spec = gen.resolve_in_run(run, stage or found[1], base_model)
+        chosen = stage or (found[1] if found[1] in {s.name for s in run.stages} else None)
+        name, already = _adapter_stage(run, chosen)
+        spec = gen.resolve_in_run(run, name, base_model)
+        if already is not None and output is None:
+            print(f"{run.run_dir} already holds a merged model: {already.final_dir} "
+                  f"({' -> '.join(spec.stage_names)} merged into {spec.base} by its `{already.name}` stage); "
+                  "nothing written. To write another copy (e.g. --dtype float16), add --output DIR.")
+            return 0
         quant = next((run.stage_config(s) for s in spec.stage_names if run.stage_config(s).get("use_4bit")), {})
     else:
         spec = gen.resolve_model(path, base_model)
+    if output is None:
+        raise UserError("where should the merged model go?", key="--output", hint="add --output DIR")
     result = merge_model(spec, output, dtype=dtype, max_shard_size=max_shard_size, quantized_base=quantized_base,
                          training_quant=quant, device=device, overwrite=overwrite,
                          allow_pickle_weights=allow_pickle_weights)
@@ -37,7 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Merge the adapter chain of PATH (e.g. SFT then DPO) into the base "
                                           "and save safetensors, tokenizer and generation config.")
     p.add_argument("path", help="run folder, stage folder or adapter folder")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the merged model")
+    p.add_argument("--output", metavar="DIR", help="folder for the merged model (required unless the run already "
+                                                   "holds one: then its path is printed)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                    help="merged weights dtype (auto: the base checkpoint's)")
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base to merge into, if not the recorded one")

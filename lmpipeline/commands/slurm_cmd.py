@@ -1,7 +1,7 @@
 """`lmpipeline slurm CONFIG --nodes M --gpus-per-node G [...]` and `lmpipeline slurm --setup`.
 
 Writes an sbatch script (training with preemption and optional requeue, or the venv set-up of
-seed 003), prints its path, and submits it with --submit; see lmpipeline/launch/slurm.py.
+a cluster's environment), prints its path, and submits it with --submit; see lmpipeline/launch/slurm.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lmpipeline.errors import UserError
 from lmpipeline.launch.launch import STRATEGIES
-from lmpipeline.launch.slurm import DEFAULT_OUTPUT_DIR, SlurmSpec, setup_script, submit, training_script, write_script
+from lmpipeline.launch.slurm import SlurmSpec, script_dir, setup_script, submit, training_script, write_script
 
 
 def slurm_command(args) -> int:
@@ -23,11 +23,12 @@ def slurm_command(args) -> int:
                      output_dir=args.output_dir, venv=args.venv, strategy=args.strategy, overrides=args.overrides,
                      requeue=args.requeue, online=args.online, cpu=args.cpu,
                      collective_timeout_s=args.collective_timeout, sbatch_extra=args.sbatch, modules=args.module)
-    out = Path(args.output_dir)
     if args.setup:
-        path = write_script(setup_script(spec, install=args.install), out / "setup_venv.sbatch")
+        text = setup_script(spec, install=args.install)
+        path = write_script(text, script_dir(spec, setup=True) / "setup_venv.sbatch")
     else:
-        path = write_script(training_script(spec), out / f"{Path(args.config).stem}.sbatch")
+        text = training_script(spec)  # checks the spec and the config first
+        path = write_script(text, script_dir(spec) / f"{Path(args.config).stem}.sbatch")
     print(f"wrote {path}")
     if args.submit:
         print(f"submitted: job {submit(path)}")
@@ -54,8 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="another #SBATCH line, e.g. --sbatch=--constraint=a100 (repeatable)")
     p.add_argument("--module", action="append", default=[], metavar="NAME", help="`module load NAME` first (repeatable)")
-    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
-                   help=f"where the script and the SLURM logs go (default ./{DEFAULT_OUTPUT_DIR})")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="where the script and the SLURM logs go (default: the run's own folder, <output_dir>/slurm; "
+                        "with --setup, outputs/slurm-setup)")
     p.add_argument("--venv", metavar="PATH", help="virtual environment to activate (--setup: to create)")
     p.add_argument("--install", metavar="SPEC", help="(--setup) what pip installs (default: this checkout, or lmpipeline)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,5 +1,9 @@
 """`lmpipeline validate CONFIG`: the config, the model reference and every data row, no training.
 
+Also checks what the run needs from this machine (a CUDA GPU for 4/8-bit, bitsandbytes, liger-kernel,
+the trackers' packages: lmpipeline/plan/requirements.py), as `run` does before it tokenises; --config-only
+prints those as notes and still exits 0.
+
 Exit 0 when a run would start; 1 when the data has problems the run would stop on (each printed
 as file:line: reason, then a summary); 2 for config errors (raised as ConfigError to the CLI).
 """
@@ -11,6 +15,7 @@ from lmpipeline.data import validate
 from lmpipeline.methods import method_for
 from lmpipeline.models.loading import load_tokenizer
 from lmpipeline.pipeline import check_references
+from lmpipeline.plan.requirements import check_requirements, missing_requirements
 
 
 def validate_command(config: str, overrides: list[str], *, config_only: bool = False) -> int:
@@ -19,8 +24,11 @@ def validate_command(config: str, overrides: list[str], *, config_only: bool = F
     for k, v in cfg._derived.items():
         print(f"  derived: {k} = {v}")
     if config_only:
+        for missing in missing_requirements(cfg):  # the config is fine; this machine could not run it
+            print(f"  note: on this machine, {missing}")
         return 0
     check_references(cfg)
+    check_requirements(cfg)
 
     failed = False
     for name in cfg.stages:

@@ -59,6 +59,22 @@ SECTIONED_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
 }
 # Seed 000's `dataset.format: custom` means a plain text column.
 SECTIONED_FORMAT_NAMES = {"custom": "text"}
+# `training:` takes any SFT stage key as it is; only output_dir is the run's (top level).
+TRAINING_SECTION = "training"
+SECTIONS = tuple(SECTIONED_KEYS) + (TRAINING_SECTION,)
+
+
+def sectioned_destination(section: str, key: str) -> tuple[str | None, str] | None:
+    """Where `section.key` of the sectioned form lands in the pipeline form: (None, top-level key) or
+    ("sft", stage key); None for a key the section does not have. The file and --set share this map."""
+    if section == TRAINING_SECTION:
+        return (None, key) if key == "output_dir" else ("sft", key)
+    return SECTIONED_KEYS.get(section, {}).get(key)
+
+
+def _sectioned_path(destination: tuple[str | None, str]) -> Path_:
+    target, key = destination
+    return (key,) if target is None else ("stage_configs", "sft", key)
 
 
 class _Located:
@@ -147,10 +163,12 @@ def _set_path(data: dict, path: Path_, value: Any) -> None:
     node[path[-1]] = value
 
 
+# Keys the sectioned form also takes at the top level, as the pipeline form does.
+TOP_LEVEL_KEYS = ("output_dir", "model_name_or_path", "torch_dtype", "preset", "model_size")
+
+
 def is_sectioned(data: dict) -> bool:
-    return "stages" not in data and "stage_configs" not in data and any(
-        k in data for k in ("model", "lora", "training", "dataset")
-    )
+    return "stages" not in data and "stage_configs" not in data and any(k in data for k in SECTIONS)
 
 
 def _from_sectioned(loc: _Located) -> tuple[dict, dict[Path_, int], list[ConfigIssue]]:
@@ -158,43 +176,31 @@ def _from_sectioned(loc: _Located) -> tuple[dict, dict[Path_, int], list[ConfigI
     data, issues = loc.data, []
     out: dict[str, Any] = {"stages": ["sft"], "stage_configs": {"sft": {}}}
     lines: dict[Path_, int] = {}
-    sft = out["stage_configs"]["sft"]
 
-    def put(target, key, value, src: Path_):
-        if target is None:
-            out[key] = value
-            dest = (key,)
-        else:
-            sft[key] = value
-            dest = ("stage_configs", "sft", key)
+    def put(destination: tuple[str | None, str], value, src: Path_):
+        dest = _sectioned_path(destination)
+        _set_path(out, dest, value)
         if loc.line(src):
             lines[dest] = loc.line(src)
 
     for section, value in data.items():
-        if section in SECTIONED_KEYS:
+        if section in SECTIONS:
             if not isinstance(value, dict):
                 issues.append(ConfigIssue(section, "must be a mapping", loc.file, loc.line((section,))))
                 continue
             for key, v in value.items():
-                mapping = SECTIONED_KEYS[section].get(key)
-                if mapping is None:
+                destination = sectioned_destination(section, key)
+                if destination is None:
                     hint = did_you_mean(key, SECTIONED_KEYS[section])
                     issues.append(ConfigIssue(f"{section}.{key}", f"unknown key{hint}", loc.file, loc.line((section, key))))
                     continue
                 if section == "dataset" and key == "format":
                     v = SECTIONED_FORMAT_NAMES.get(v, v)
-                put(mapping[0], mapping[1], v, (section, key))
-        elif section == "training":
-            if not isinstance(value, dict):
-                issues.append(ConfigIssue(section, "must be a mapping", loc.file, loc.line((section,))))
-                continue
-            for key, v in value.items():
-                target = None if key == "output_dir" else "sft"
-                put(target, key, v, (section, key))
-        elif section in ("output_dir", "model_name_or_path", "torch_dtype", "preset", "model_size"):
-            put(None, section, value, (section,))
+                put(destination, v, (section, key))
+        elif section in TOP_LEVEL_KEYS:
+            put((None, section), value, (section,))
         else:
-            hint = did_you_mean(section, list(SECTIONED_KEYS) + ["training", "output_dir"])
+            hint = did_you_mean(section, list(SECTIONS) + ["output_dir"])
             issues.append(ConfigIssue(section, f"unknown section{hint}", loc.file, loc.line((section,))))
     # Stage-level keys keep their (prefixed) line numbers for validation messages.
     return out, lines, issues
@@ -221,10 +227,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     override_paths = set()
     for text in overrides or []:
         key, value = parse_override(text)
-        if is_sectioned(loc.data) and key and key[0] in SECTIONED_KEYS and len(key) == 2:
-            mapping = SECTIONED_KEYS[key[0]].get(key[1])
-            if mapping:
-                key = (mapping[1],) if mapping[0] is None else ("stage_configs", "sft", mapping[1])
+        if is_sectioned(loc.data) and key and key[0] in SECTIONS:
+            # The sectioned form's own names (`training.learning_rate`, `lora.r`) address the SFT stage.
+            destination = sectioned_destination(key[0], key[1]) if len(key) == 2 else None
+            if destination is None:
+                known = SECTIONED_KEYS.get(key[0], {})
+                hint = did_you_mean(key[-1], known) if len(key) == 2 else f"; give one key: {key[0]}.KEY=VALUE"
+                issues.append(ConfigIssue(".".join(key), f"unknown key{hint}", "--set"))
+                continue
+            if key == ("dataset", "format"):
+                value = SECTIONED_FORMAT_NAMES.get(value, value)
+            key = _sectioned_path(destination)
         _set_path(raw, key, value)
         override_paths.add(key)
 
@@ -303,3 +316,19 @@ def key_location(cfg: PipelineConfig, dotted: str) -> str:
     file = getattr(cfg, "_source_file", None) or "<config>"
     line = getattr(cfg, "_key_lines", {}).get(dotted)
     return f"{file}:{line}" if line else file
+
+
+def select_stages(cfg: PipelineConfig, wanted: list[str]) -> PipelineConfig:
+    """Keep only the `wanted` stages of a loaded config, in the config's own order (`run --stages`).
+
+    The subset is stored as a derived value, so run.json says which stages ran and why. Raises
+    ConfigError naming every name that is not a stage of the config, with the stages it has."""
+    unknown = [w for w in wanted if w not in cfg.stages]
+    if unknown:
+        raise ConfigError([ConfigIssue("--stages", f"`{w}` is not a stage of this config{did_you_mean(w, cfg.stages)}; "
+                                                   f"its stages: {', '.join(cfg.stages)}", "--stages") for w in unknown])
+    if not wanted:
+        raise ConfigError([ConfigIssue("--stages", f"no stage named; its stages: {', '.join(cfg.stages)}", "--stages")])
+    cfg.stages = [s for s in cfg.stages if s in wanted]
+    cfg._derived["stages"] = list(cfg.stages)
+    return cfg

@@ -568,6 +568,15 @@ def render_tokens(example: TokenizedExample, tokenizer: Any, color: bool | None 
     return "".join(parts)
 
 
+def render_legend(color: bool) -> str:
+    """The key to render_tokens' marks, printed once above the examples."""
+    if color:
+        return (f"legend: {_GREEN[0]}trained{_RESET} tokens (in the loss) in green, {_GREY[0]}masked{_RESET} tokens "
+                "(read as context, not trained) in grey; the shades alternate token by token so boundaries show")
+    return ("legend: [[...]] marks trained tokens (in the loss); text outside the brackets is masked (read as "
+            "context, not trained). Special tokens such as <|im_end|> appear as their text")
+
+
 def _stdout_is_tty() -> bool:
     import sys
 

@@ -1,8 +1,9 @@
 """Interactive chat with a trained model (seed 004's inference.py interactive mode).
 
 A ChatSession keeps the conversation (multi-turn history), renders it with the chat template,
-generates the next assistant turn and streams its tokens as they come (transformers' TextStreamer,
-written to any text stream). `run_chat` is the read-eval-print loop over lines of input:
+generates the next assistant turn and streams its text as it comes, whole characters only
+(text_stream.IncrementalDecoder), to any text stream. By default an answer may use a quarter of the
+model's context (default_max_new_tokens), leaving the rest for the history. `run_chat` is the read-eval-print loop over lines of input:
 
     /reset         forget the conversation (the system prompt stays)
     /system TEXT   set the system prompt (empty TEXT removes it) and start over
@@ -24,20 +25,47 @@ from typing import TextIO
 
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
+from lmpipeline.evaluate.text_stream import IncrementalDecoder
 
 HELP = "commands: /reset, /system TEXT, /history, /help, /exit"
 
 
+# An answer may take up to this share of the model's context; the rest is left for the conversation.
+REPLY_CONTEXT_SHARE = 4
+REPLY_TOKENS_UNKNOWN_CONTEXT = 512
+
+
+def default_max_new_tokens(model) -> int:
+    """The longest answer by default: a quarter of the model's context length (128 of a 512-token model),
+    so that the history still fits beside the answer from the second turn on."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return max(1, context // REPLY_CONTEXT_SHARE) if context else REPLY_TOKENS_UNKNOWN_CONTEXT
+
+
 def _streamer(tokenizer, out: TextIO):
-    from transformers import TextStreamer
+    from transformers.generation.streamers import BaseStreamer
 
-    class _WriterStreamer(TextStreamer):
-        # TextStreamer prints to sys.stdout; the loop may run on any stream (a pty, a test's pipe).
-        def on_finalized_text(self, text: str, stream_end: bool = False):
-            out.write(text)
-            out.flush()
+    class _WriterStreamer(BaseStreamer):
+        # Writes to any stream (a pty, a test's pipe); whole characters only (evaluate/text_stream.py).
+        def __init__(self):
+            self.decoder = IncrementalDecoder(tokenizer)
+            self.prompt_done = False
 
-    return _WriterStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        def put(self, value):
+            if not self.prompt_done:  # generate() hands the prompt over first
+                self.prompt_done = True
+                return
+            self._write(self.decoder.push(value.reshape(-1).tolist()))
+
+        def end(self):
+            self._write(self.decoder.finish())
+
+        def _write(self, text: str) -> None:
+            if text:
+                out.write(text)
+                out.flush()
+
+    return _WriterStreamer()
 
 
 class ChatSession:

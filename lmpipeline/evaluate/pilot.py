@@ -1,18 +1,21 @@
-"""A pilot run (seed 002's llama_pilot.py): a short training run, then evaluation, to check the set-up.
+"""A pilot run: a short training run, then evaluation, to check the set-up before a long run.
 
     run_pilot(config, overrides, steps=100)
       1. the config's first training stage only, limited to `steps` optimizer steps, trained on the
          eval stage's golden set when one is named (else on the stage's own data); no checkpoints;
          written to <output_dir>-pilot (never over the real run)
-      2. the eval stage's settings (base vs pilot model, greedy generation) on the golden set, or on
-         the first 8 rows of the training data when there is none
+      2. the eval stage's settings (base vs pilot model, greedy generation) on every prompt of the golden
+         set (or the eval stage's max_samples), or on the first 8 rows of the training data when there is none
       3. prints the eval table and sample generations, and whether the training loss fell (first vs
-         last logged loss in metrics.jsonl); the same summary goes to <pilot dir>/pilot.json
+         last logged loss in metrics.jsonl); the same summary goes to <pilot dir>/pilot.json, and the
+         run's report.html is rebuilt with the pilot's evaluation in it
 
 Every value changed for the pilot (max_steps, data, logging_steps, save_strategy, output_dir) is
 printed and stored in run.json's "derived". Golden rows in the {"prompt", "reference"} shape are
-trained as prompt_completion rows (reference -> completion); other shapes are read as the SFT
-formats they are.
+trained the way the evaluation renders them: through the chat template as a user turn and an
+assistant turn (instruction_response with prompt -> instruction, reference -> response, the answer
+alone trained) when the evaluation uses a template, as raw prompt + completion text when it does not. Other shapes are read
+as the SFT formats they are.
 
 Raises UserError: no training stage, and whatever the training and eval stages raise.
 """
@@ -27,6 +30,7 @@ from lmpipeline.config.lifecycle import EvalConfig
 from lmpipeline.context import RunContext, StageOutput
 from lmpipeline.errors import UserError
 from lmpipeline.methods import METHODS, method_for
+from lmpipeline.report.html import write_report
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,22 @@ def loss_trend(metrics_file: Path) -> dict:
             "last_loss": losses[-1][1], "loss_fell": losses[-1][1] < losses[0][1], "logged_points": len(losses)}
 
 
-def pilot_config(cfg, steps: int, output_dir: str | None = None, config_path: str | None = None):
-    """(pilot PipelineConfig, first training stage name, its kind, EvalConfig, derived values)."""
+def pilot_eval_config(cfg) -> EvalConfig:
+    """The config's eval stage settings (defaults when it has none), which the pilot evaluates with."""
+    kinds = _kinds(cfg)
+    eval_names = [n for n in cfg.stages if kinds.get(n) == "eval"]
+    raw_eval = dict(cfg.stage_configs.get(eval_names[0], {})) if eval_names else {}
+    raw_eval.pop("stage_name", None)
+    raw_eval.pop("output_dir", None)
+    return EvalConfig(**raw_eval)
+
+
+def pilot_config(cfg, steps: int, output_dir: str | None = None, config_path: str | None = None, *,
+                 chat_template: bool = True):
+    """(pilot PipelineConfig, first training stage name, its kind, EvalConfig, derived values).
+
+    `chat_template`: whether the evaluation renders prompts through a chat template (eval_renders_chat),
+    so golden rows are trained the same way."""
     from lmpipeline.config.loader import load_config
 
     kinds = _kinds(cfg)
@@ -81,11 +99,7 @@ def pilot_config(cfg, steps: int, output_dir: str | None = None, config_path: st
         raise UserError(f"a pilot needs a training stage ({', '.join(m.name for m in METHODS)}) in `stages`",
                         key="stages")
     first = train[0]
-    eval_names = [n for n in cfg.stages if kinds.get(n) == "eval"]
-    raw_eval = dict(cfg.stage_configs.get(eval_names[0], {})) if eval_names else {}
-    raw_eval.pop("stage_name", None)
-    raw_eval.pop("output_dir", None)
-    eval_cfg = EvalConfig(**raw_eval)
+    eval_cfg = pilot_eval_config(cfg)
 
     data = cfg.model_dump()
     stage = dict(data["stage_configs"].get(first) or {})
@@ -100,8 +114,16 @@ def pilot_config(cfg, steps: int, output_dir: str | None = None, config_path: st
             stage["eval_strategy"] = "no"
             derived[f"stage_configs.{first}.eval_strategy"] = "no"
         if _golden_is_native(eval_cfg.golden_set):
-            stage["dataset_format"] = "prompt_completion"
-            stage["column_mapping"] = {"completion": "reference"}
+            if chat_template:  # what the eval generates from: the prompt as a user turn, then the answer
+                stage["dataset_format"] = "instruction_response"
+                stage["column_mapping"] = {"instruction": "prompt", "response": "reference"}
+                # the reference is what is learnt, as prompt_completion rows train only their completion
+                stage["assistant_only_loss"] = True
+                derived[f"stage_configs.{first}.assistant_only_loss"] = True
+            else:  # raw text, as the eval feeds a model without a template
+                stage["dataset_format"] = "prompt_completion"
+                stage["column_mapping"] = {"completion": "reference"}
+            derived[f"stage_configs.{first}.dataset_format"] = stage["dataset_format"]
             # Golden prompts without a reference are for generation only: they cannot be trained on.
             stage["on_invalid"] = "skip"
             derived[f"stage_configs.{first}.on_invalid"] = "skip"
@@ -120,6 +142,21 @@ def pilot_config(cfg, steps: int, output_dir: str | None = None, config_path: st
     return pilot, first, kinds[first], eval_cfg, derived
 
 
+def eval_renders_chat(cfg, eval_cfg: EvalConfig) -> bool:
+    """Whether the evaluation will render golden prompts through a chat template: the eval's or the first
+    training stage's template setting, else the tokenizer's own (as the eval stage resolves it)."""
+    from lmpipeline.evaluate import generation as gen
+    from lmpipeline.models.loading import load_tokenizer
+
+    first = next(n for n in cfg.stages if method_for(n) is not None)
+    stage = cfg.stage(first)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                               trust_remote_code=stage.trust_remote_code)
+    template = gen.resolve_template(tokenizer, chat_template=eval_cfg.chat_template or stage.chat_template,
+                                    chat_template_path=eval_cfg.chat_template_path or stage.chat_template_path)
+    return template is not None
+
+
 def run_pilot(cfg_path: str, overrides: list[str] | None = None, steps: int = 100, *, overwrite: bool = False,
               output_dir: str | None = None, max_new_tokens: int | None = None, print_fn=print) -> dict:
     """Train briefly, evaluate, report; returns the summary (also written to <pilot dir>/pilot.json).
@@ -134,7 +171,9 @@ def run_pilot(cfg_path: str, overrides: list[str] | None = None, steps: int = 10
     if steps <= 0:
         raise UserError(f"pilot steps must be positive, got {steps}", key="--pilot")
     cfg = load_config(cfg_path, overrides or [])
-    pilot, first, kind, eval_cfg, derived = pilot_config(cfg, steps, output_dir, cfg_path)
+    eval_cfg = pilot_eval_config(cfg)
+    chat = eval_renders_chat(cfg, eval_cfg) if eval_cfg.golden_set else True
+    pilot, first, kind, eval_cfg, derived = pilot_config(cfg, steps, output_dir, cfg_path, chat_template=chat)
     for k, v in derived.items():
         print_fn(f"pilot: {k} = {v}")
     record = run_pipeline(pilot, config_path=str(cfg_path), overwrite=overwrite)
@@ -148,7 +187,9 @@ def run_pilot(cfg_path: str, overrides: list[str] | None = None, steps: int = 10
     eval_name = "pilot_eval"
     ecfg = eval_cfg.model_copy(update={"golden_set": golden, "stage_name": eval_name,
                                        "output_dir": str(out / eval_name),
-                                       "max_samples": eval_cfg.max_samples or DEFAULT_PROMPTS,
+                                       # the whole golden set, as the eval stage would; a glimpse of the training data
+                                       "max_samples": eval_cfg.max_samples if eval_cfg.golden_set
+                                       else eval_cfg.max_samples or DEFAULT_PROMPTS,
                                        "max_new_tokens": max_new_tokens or eval_cfg.max_new_tokens,
                                        "num_print_samples": 0, "models": None})
     final_dir = Path(entry["final_dir"]) if entry.get("final_dir") else None
@@ -160,8 +201,12 @@ def run_pilot(cfg_path: str, overrides: list[str] | None = None, steps: int = 10
     # The pilot's eval is recorded like a pipeline stage, so `lmpipeline report` shows it.
     run = RunRecord(out / RUN_FILE, json.loads((out / RUN_FILE).read_text()))
     run.data["stages"][eval_name] = {"kind": "eval", "status": "done", "final_dir": None, "adapter": False,
-                                     "metrics": result.metrics, "data": result.data}
+                                     "metrics": result.metrics, "data": result.data, "notes": result.notes}
     run.save()
+    try:  # the run wrote its report before this evaluation existed: draw it again with it
+        write_report(out)
+    except Exception as e:  # noqa: BLE001 - the report is a view; failing to draw it must not fail the pilot
+        log.warning("report.html could not be rewritten: %s", e)
 
     results = json.loads((out / eval_name / "results.json").read_text())
     trend = loss_trend(out / first / "metrics.jsonl")
@@ -198,4 +243,4 @@ def _outputs(samples_file: Path, n: int) -> dict:
     return outputs
 
 
-__all__ = ["run_pilot", "pilot_config", "loss_trend"]
+__all__ = ["run_pilot", "pilot_config", "pilot_eval_config", "eval_renders_chat", "loss_trend"]

@@ -36,6 +36,7 @@ from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
 from lmpipeline.evaluate import metrics as mt
+from lmpipeline.numbers import fmt_number
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +314,7 @@ def _json_default(o):
 def _num(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return fmt_number(v)
 
 
 def _fmt(row: dict) -> str:

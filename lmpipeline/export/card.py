@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from lmpipeline.numbers import fmt_number
+
 
 def looks_like_hub_id(name: str | None) -> bool:
     if not name or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
@@ -53,22 +55,25 @@ def card_tags(meta: dict, extra: list[str]) -> list[str]:
 
 
 def _num(v) -> str:
-    if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return fmt_number(v)
+
+
+GENERATE_CODE = (
+    'messages = [{"role": "user", "content": "Explain machine learning in one paragraph."}]\n'
+    "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+    "                                       return_dict=True).to(model.device)\n"
+    "outputs = model.generate(**inputs, max_new_tokens=256)\n"
+    'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
+)
 
 
 def usage_code(meta: dict, location: str, *, subfolder_arg: bool) -> str:
     """Python that loads the packaged model from `location` (a folder or a Hub id)."""
     base = meta.get("base_model") or "BASE_MODEL"
     content = meta["content"]
-    gen = (
-        'messages = [{"role": "user", "content": "Explain machine learning in one paragraph."}]\n'
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
-        "                                       return_dict=True).to(model.device)\n"
-        "outputs = model.generate(**inputs, max_new_tokens=256)\n"
-        'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
-    )
+    gen = GENERATE_CODE
     if content == "adapter":
         return (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -154,4 +159,77 @@ def render_card(meta: dict, *, tags: list[str] | None = None, license: str | Non
     return "\n".join(lines)
 
 
-__all__ = ["render_card", "usage_code", "front_matter", "card_tags", "looks_like_hub_id"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The card of a training stage's own output folder (<run>/<stage>/final/README.md), written in place of
+# PEFT's empty template: what was trained, on what data, with what result, and how to load it.
+
+# Every training stage's card shows these; its method adds its own keys (Method.card_keys).
+COMMON_CARD_KEYS = ("use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_4bit", "use_8bit",
+                    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "max_seq_length")
+
+
+def _datasets(params: dict) -> list[str]:
+    spec = params.get("dataset_name_or_path")
+    if isinstance(spec, str):
+        return [spec]
+    return [s["path"] if isinstance(s, dict) else str(s) for s in spec or []]
+
+
+def _stage_usage(final_dir: Path, base: str, chain: list[str], adapter: bool) -> str:
+    location = str(final_dir)
+    if not adapter:
+        return usage_code({"content": "full"}, location, subfolder_arg=False)
+    if len(chain) <= 1:
+        return usage_code({"content": "adapter", "base_model": base}, location, subfolder_arg=False)
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "from peft import PeftModel\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{base}", device_map="auto")\n'
+            "# This adapter was trained on top of the earlier stages' adapters: apply them in this order.\n"
+            f"for adapter in {chain!r}:\n"
+            "    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n\n' + GENERATE_CODE)
+
+
+def render_stage_card(final_dir: Path, *, stage_name: str, kind: str, base_model: str, params: dict, data: dict,
+                      metrics: dict, global_step: int | None, adapter: bool, chain: list[str] | None = None,
+                      method_title: str | None = None, shown_keys: tuple[str, ...] = ()) -> str:
+    """README.md of a training stage's output folder. `chain`: the adapter folders to apply in order (the
+    earlier stages' and this one) when the stage trained on top of earlier adapters; `method_title` and
+    `shown_keys`: how the stage's method names itself and the config keys of its own the card shows."""
+    datasets = _datasets(params)
+    meta = {"base_model": base_model, "content": "adapter" if adapter else "full", "datasets": datasets,
+            "stages": [{"kind": kind, "adapter": adapter, "hyperparameters": params}]}
+    fm = front_matter(meta, tags=card_tags(meta, []), license=None)
+    chain = [str(c) for c in (chain or [final_dir])]
+    what = "a LoRA adapter" if adapter else "full model weights"
+    lines = ["---", yaml.safe_dump(fm, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+             f"# {Path(final_dir).parent.name}: {what} for {base_model}", "",
+             f"Trained with lmpipeline by {method_title or kind} from `{base_model}`"
+             + (f", on top of the earlier stages' adapters ({' -> '.join(Path(c).parent.name for c in chain[:-1])})"
+                if len(chain) > 1 else "") + f"; stage `{stage_name}`, {fmt_number(global_step or 0)} optimizer steps.",
+             "", "## Data", ""]
+    for d in datasets:
+        lines.append(f"- training: `{d}`" + (f" ({params.get('dataset_format')} rows)" if params.get("dataset_format") else ""))
+    if params.get("eval_dataset_name_or_path"):
+        lines.append(f"- evaluation: `{params['eval_dataset_name_or_path']}`")
+    facts = {k: data[k] for k in ("formats", "train_examples", "train_pairs", "eval_examples", "eval_pairs",
+                                  "trained_tokens", "fingerprint") if data.get(k) not in (None, [], "")}
+    lines += [f"- {k.replace('_', ' ')}: {', '.join(v) if isinstance(v, list) else fmt_number(v)}" for k, v in facts.items()]
+    lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {fmt_number(params[k]) if not isinstance(params[k], list) else ', '.join(map(str, params[k]))} |"
+              for k in COMMON_CARD_KEYS + tuple(shown_keys) if k in params and params[k] is not None]
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if shown:
+        lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt_number(v)} |" for k, v in shown.items()]
+    lines += ["", "## How to load it", "", "```python", _stage_usage(Path(final_dir), base_model, chain, adapter).rstrip(),
+              "```", "", "The run folder's `run.json` holds the whole resolved config, the data fingerprints and the "
+              "package versions; `lmpipeline package` bundles this model with its card for sharing.", ""]
+    return "\n".join(lines)
+
+
+
+__all__ = ["render_card", "usage_code", "front_matter", "card_tags", "looks_like_hub_id", "render_stage_card"]

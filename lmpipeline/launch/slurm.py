@@ -1,6 +1,7 @@
 """`lmpipeline slurm`: sbatch scripts for training on a SLURM cluster, and for setting up its venv (seed 003).
 
-`lmpipeline slurm CONFIG --nodes M --gpus-per-node G ...` writes <output-dir>/<config>.sbatch:
+`lmpipeline slurm CONFIG --nodes M --gpus-per-node G ...` writes <output-dir>/<config>.sbatch, where
+<output-dir> defaults to the run's own folder, <config's output_dir>/slurm (nothing lands in the checkout):
   - #SBATCH lines: one task per node, G GPUs per node, partition/time/account/qos when given,
     the job log in <output-dir>/logs (appended across requeues), `--signal=B:USR1@300`;
   - set-up: cd to the submit-time working folder, activate --venv, HF_HUB_OFFLINE=1 unless
@@ -19,7 +20,7 @@
     the training processes; they agree on a step, save a checkpoint and exit 75. With --requeue the
     script then calls `scontrol requeue $SLURM_JOB_ID`; without it, it exits 75 and says how to
     continue.
-`lmpipeline slurm --setup [--venv PATH]` writes <output-dir>/setup_venv.sbatch: create the venv,
+`lmpipeline slurm --setup [--venv PATH]` writes <output-dir>/setup_venv.sbatch (default outputs/slurm-setup): create the venv,
 pip install lmpipeline (this checkout when it is one, else the package) with the gpu extra, check it.
 --submit runs sbatch on the written script and prints the job id.
 
@@ -40,7 +41,11 @@ from pathlib import Path
 from lmpipeline.errors import UserError
 from lmpipeline.launch.launch import PREEMPTED_EXIT_CODE, STRATEGIES
 
-DEFAULT_OUTPUT_DIR = "slurm"
+# Where the script and the SLURM logs go unless --output-dir says: inside the run's own folder, so that
+# nothing lands in the checkout the job is submitted from; the venv set-up job has no run, and uses a
+# folder under outputs/ (which a checkout ignores).
+RUN_SCRIPT_SUBDIR = "slurm"
+SETUP_OUTPUT_DIR = Path("outputs") / "slurm-setup"
 SIGNAL_LEAD_S = 300
 
 
@@ -56,7 +61,7 @@ class SlurmSpec:
     cpus_per_task: int | None = None
     mem: str | None = None
     job_name: str | None = None
-    output_dir: str = DEFAULT_OUTPUT_DIR
+    output_dir: str | None = None  # None: script_dir() decides
     venv: str | None = None
     strategy: str = "ddp"
     overrides: list[str] = field(default_factory=list)
@@ -112,10 +117,20 @@ def run_dir_of(spec: SlurmSpec) -> Path:
     return out if out.is_absolute() else Path(spec.workdir) / out
 
 
+def script_dir(spec: SlurmSpec, *, setup: bool = False) -> Path:
+    """The folder for the script and its logs: --output-dir, else <run folder>/slurm (the venv set-up job:
+    outputs/slurm-setup under the working folder)."""
+    if spec.output_dir:
+        return Path(spec.output_dir).resolve()
+    if setup:
+        return (Path(spec.workdir) / SETUP_OUTPUT_DIR).resolve()
+    return (run_dir_of(spec) / RUN_SCRIPT_SUBDIR).resolve()
+
+
 def training_script(spec: SlurmSpec) -> str:
     spec.check()
     run_dir = run_dir_of(spec)
-    out = Path(spec.output_dir).resolve()
+    out = script_dir(spec)
     log_dir = out / "logs"
     config = str(Path(spec.config).resolve())
     job_name = spec.job_name or f"lmpipeline-{Path(spec.config).stem}"
@@ -206,7 +221,7 @@ def install_source() -> str:
 
 
 def setup_script(spec: SlurmSpec, *, install: str | None = None, extras: str = "gpu", python: str = "python3") -> str:
-    out = Path(spec.output_dir).resolve()
+    out = script_dir(spec, setup=True)
     venv = Path(spec.venv).resolve() if spec.venv else Path(spec.workdir) / "venv"
     source = install or install_source()
     target = f"{source}[{extras}]" if extras else source

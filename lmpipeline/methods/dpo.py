@@ -481,6 +481,7 @@ METHOD = Method(
     terms=EstimatorTerms(rows_per_unit=2, unit="pair", varlen_by_default=True, shares_prompt=True,
                          scores_completions=True),
     inspect=inspect_pairs, validate_data=validate_pairs,
+    title="preference optimisation (DPO family)", card_keys=("loss_type", "beta"),
 )
 
 

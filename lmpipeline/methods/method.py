@@ -6,6 +6,8 @@ pipeline, the config loader, the estimator and auto-fit, `validate`, `data inspe
 the model card) asks the Method instead of comparing method names:
 
     name, aliases      the stage kind in `stages:` and the other names that select it
+    title              how the model card and messages name it ("supervised fine-tuning (SFT)")
+    card_keys          its own config keys a model card lists (beside the common training ones)
     config_class       its typed config (the common TrainStageConfig plus its own fields)
     stage              `stage(config).execute(...)`: the training-stage lifecycle for this method
     data               which family of data formats it reads ("supervised", "preference" or "unpaired";
@@ -55,6 +57,8 @@ class Method:
     terms: EstimatorTerms
     inspect: Callable[..., int]
     validate_data: Callable[..., Any]
+    title: str = ""
+    card_keys: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -219,4 +219,5 @@ METHOD = Method(
     data="supervised", start="continue", reference=no_reference,
     terms=EstimatorTerms(rows_per_unit=1, unit="row", packs_rows=True),
     inspect=inspect_rows, validate_data=validate_rows,
+    title="supervised fine-tuning (SFT)", card_keys=("assistant_only_loss", "completion_only_loss", "packing"),
 )

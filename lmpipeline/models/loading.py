@@ -11,15 +11,37 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.errors import UserError
 from lmpipeline.models import attention
 
 log = logging.getLogger(__name__)
+
+# transformers' v6 renamings (gradient_checkpointing_* -> activation_checkpointing_*), warned on every load
+# and adapter set-up, mostly from peft's own calls: nothing a user of lmpipeline can act on.
+RENAMING_WARNINGS = r"`\w+` is deprecated and will be removed in v6"
+# transformers' bars over a checkpoint's tensors as it is read from disk and over its shards as it is
+# saved: a bar per model load or save, between the log lines (which say when a model is written).
+# Download bars (a Hub model fetched for the first time) stay: those take minutes.
+QUIET_BARS = ("Loading weights", "Writing model shards")
+
+
+def hide_loading_noise() -> None:
+    """Silence what every model load and save prints that is not the user's business (the constants above)."""
+    warnings.filterwarnings("ignore", message=RENAMING_WARNINGS, category=FutureWarning)
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5 draws the loading bar through it
+    if set_hook is not None:
+        set_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs)
+                 if kwargs.get("desc") in QUIET_BARS else factory(*args, **kwargs))
+
+
+hide_loading_noise()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

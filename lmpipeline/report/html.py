@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipeline.errors import UserError
+from lmpipeline.numbers import fmt_number
 
 REPORT_FILE = "report.html"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -62,14 +63,6 @@ def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list
     return ticks
 
 
-def _fmt_tick(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.1e}"
-    return f"{v:.4g}"
-
-
 def line_chart(series: list[Series], *, title: str, x_label: str = "step", width: int = 560, height: int = 240) -> str:
     """An SVG line chart of `series` (non-finite points are left out); '' when nothing is plottable."""
     series = [Series(s.name, [(x, y) for x, y in s.points if _finite(x) and _finite(y)], s.markers) for s in series]
@@ -96,9 +89,9 @@ def line_chart(series: list[Series], *, title: str, x_label: str = "step", width
            f'<text x="{left}" y="16" class="title">{e(title)}</text>']
     for t in yt:
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" class="grid"/>'
-                   f'<text x="{left - 6}" y="{py(t) + 4:.1f}" class="tick" text-anchor="end">{_fmt_tick(t)}</text>')
+                   f'<text x="{left - 6}" y="{py(t) + 4:.1f}" class="tick" text-anchor="end">{fmt_number(t)}</text>')
     for t in xt:
-        out.append(f'<text x="{px(t):.1f}" y="{top + ph + 16}" class="tick" text-anchor="middle">{_fmt_tick(t)}</text>')
+        out.append(f'<text x="{px(t):.1f}" y="{top + ph + 16}" class="tick" text-anchor="middle">{fmt_number(t)}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
     out.append(f'<text x="{left + pw / 2:.1f}" y="{height - 4}" class="tick" text-anchor="middle">{e(x_label)}</text>')
     for i, s in enumerate(series):
@@ -109,7 +102,7 @@ def line_chart(series: list[Series], *, title: str, x_label: str = "step", width
         if s.markers or len(pts) == 1:
             for x, y in pts:
                 out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
-                           f'<title>{e(s.name)} at {_fmt_tick(x)}: {y:.4g}</title></circle>')
+                           f'<title>{e(s.name)} at {fmt_number(x)}: {fmt_number(y)}</title></circle>')
         lx = left + i * 130  # legend row between the title and the plot, so it never hides a curve
         out.append(f'<rect x="{lx}" y="{top - 12}" width="10" height="3" fill="{color}"/>'
                    f'<text x="{lx + 14}" y="{top - 7}" class="legend">{e(s.name)}</text>')
@@ -182,9 +175,9 @@ def _num(v) -> str:
     if isinstance(v, bool) or v is None:
         return html.escape(str(v if v is not None else "-"))
     if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.4g}"
+        return "-" if math.isnan(v) else fmt_number(v)
     if isinstance(v, int):
-        return f"{v:,}"
+        return fmt_number(v)
     return html.escape(str(v))
 
 
@@ -249,11 +242,11 @@ def _bar_chart(title: str, bars: list[tuple[str, float]], width: int = 300, heig
         h = max(v, 0) / hi * ph
         x = left + i * bw + bw * 0.15
         out.append(f'<rect x="{x:.1f}" y="{top + ph - h:.1f}" width="{bw * 0.7:.1f}" height="{h:.1f}" '
-                   f'fill="{PALETTE[i % len(PALETTE)]}"><title>{e(label)}: {v:.4g}</title></rect>'
+                   f'fill="{PALETTE[i % len(PALETTE)]}"><title>{e(label)}: {fmt_number(v)}</title></rect>'
                    f'<text x="{x + bw * 0.35:.1f}" y="{top + ph + 14}" class="tick" '
                    f'text-anchor="middle">{e(label[:14])}</text>'
                    f'<text x="{x + bw * 0.35:.1f}" y="{top + ph - h - 3:.1f}" class="tick" '
-                   f'text-anchor="middle">{v:.3g}</text>')
+                   f'text-anchor="middle">{fmt_number(v)}</text>')
     out.append(f'<line x1="{left}" x2="{width - 10}" y1="{top + ph}" y2="{top + ph}" class="frame" stroke="#bbb"/></svg>')
     return "".join(out)
 

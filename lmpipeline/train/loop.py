@@ -49,6 +49,7 @@ import torch
 
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.errors import NonFiniteLossError, UserError
+from lmpipeline.numbers import fmt_pairs
 from lmpipeline.train import sharded
 from lmpipeline.train.heartbeat import Heartbeat
 from lmpipeline.train import checkpoint as ckpt_io
@@ -288,7 +289,7 @@ def train(
     if state["global_step"] == 0 and eval_plan is not None:
         ev = evaluate(model, objective, eval_plan, cfg, device, accelerator)
         metrics.write({"step": 0, **ev})
-        log.info("step 0 (before training): %s", _fmt(ev))
+        log.info("step 0 (before training): %s", fmt_pairs(ev))
 
     window = {"sums": {}, "tokens": 0, "micro": 0, "t0": time.perf_counter(), "steps": 0}
     last_grad_norm = float("nan")
@@ -436,7 +437,7 @@ def train(
                     rec["micro_batches_per_step"] = window["micro"] / max(window["steps"], 1)
                 metrics.write(rec)
                 if is_main:
-                    log.info("step %d/%d %s", step, total_steps, _fmt(rec, skip=("step",)))
+                    log.info("step %d/%d %s", step, total_steps, fmt_pairs(rec, skip=("step",)))
                 window = {"sums": {}, "tokens": 0, "micro": 0, "t0": time.perf_counter(), "steps": 0}
 
             at_epoch_end = step % steps_per_epoch == 0
@@ -450,7 +451,7 @@ def train(
                 last_eval = (step, ev)
                 metrics.write({"step": step, **ev})
                 if is_main:
-                    log.info("eval at step %d: %s", step, _fmt(ev))
+                    log.info("eval at step %d: %s", step, fmt_pairs(ev))
                 if _early_stop(state, ev, cfg):
                     result.stopped_early = True
             do_save = cfg.save_strategy != "no" and (
@@ -489,7 +490,7 @@ def train(
             ev = last_eval[1]
         result.metrics.update(ev)
         if is_main:
-            log.info("final eval: %s", _fmt(ev))
+            log.info("final eval: %s", fmt_pairs(ev))
     result.global_step = state["global_step"]
     if state["nonfinite_skips"]:
         result.metrics["nonfinite_skipped_steps"] = state["nonfinite_skips"]
@@ -552,13 +553,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _fmt(rec: dict, skip=()) -> str:
-    parts = []
-    for k, v in rec.items():
-        if k in skip:
-            continue
-        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
 
 
 def _progress(total: int, start: int, is_main: bool):

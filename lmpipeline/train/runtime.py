@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,9 @@ def make_accelerator(cfg: TrainStageConfig, output_dir: Path):
                 tracker.finish()
 
     distributed_state()
+    # accelerate warns on every rank that broadcast_buffers is deprecated, yet its own advice is to keep
+    # broadcast_buffers=False until its replacement can skip the sync at start too: nothing to act on.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     trackers = cfg.trackers
     if "wandb" in trackers:
         # Offline unless the user explicitly chose otherwise: nothing leaves the machine by default.

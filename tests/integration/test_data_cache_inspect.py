@@ -44,3 +44,6 @@ def test_data_inspect_sft_pairs_and_packed(tmp_path, tiny_model, quickstart_data
     assert main(["data", "inspect", str(path), "-n", "1"]) == 0
     text = capsys.readouterr().out
     assert "[[" in text and "tokens" in text  # trained tokens marked, length statistics printed
+    assert text.startswith("legend: [[...]] marks trained tokens")  # and the marks explained first
+    assert main(["data", "inspect", str(path), "-n", "1", "--jsonl"]) == 0
+    assert "legend" not in capsys.readouterr().out  # JSON lines stay machine-readable

@@ -121,12 +121,15 @@ def _cli(*argv):
     return args.func(args)
 
 
-def test_commands(run, golden, tmp_path, capsys):
+def test_commands(run, golden, tmp_path, capsys, caplog):
     from lmpipeline.errors import UserError
 
-    assert _cli("eval", run, "--golden", golden, "--max-new-tokens", 2, "--no-base") == 0
+    with caplog.at_level("INFO"):
+        assert _cli("eval", run, "--golden", golden, "--max-new-tokens", 2, "--no-base") == 0
     out = capsys.readouterr().out
     assert "sft" in out and "dpo" in out and (run / "evaluation" / "results.json").is_file()
+    tables = [r for r in caplog.records if "results:" in r.getMessage()]
+    assert len(tables) == 1 and not any(line.startswith("model ") for line in out.splitlines())  # shown once
 
     answers = tmp_path / "answers.jsonl"
     assert _cli("generate", run, "--prompts", golden, "--output", answers, "--max-new-tokens", 3) == 0
@@ -163,7 +166,7 @@ def _stage_kinds_registered() -> bool:
 
 
 @pytest.mark.skipif(not _stage_kinds_registered(), reason="eval/merge/package stages are not wired into the pipeline yet")
-def test_pipeline_runs_sft_eval_merge_package(tmp_path, tiny_llama, golden, repo_root):
+def test_pipeline_runs_sft_eval_merge_package(tmp_path, tiny_llama, golden, repo_root, capsys):
     import yaml
 
     from lmpipeline.cli import main
@@ -184,6 +187,10 @@ def test_pipeline_runs_sft_eval_merge_package(tmp_path, tiny_llama, golden, repo
     assert [record["stages"][s]["status"] for s in ("sft", "eval", "merge", "package")] == ["done"] * 4
     (archive,) = (tmp_path / "run" / "package").glob("*.tar.gz")
     assert verify_archive(archive).ok
+    summary = capsys.readouterr().out
+    assert "None" not in summary  # the eval's numbers and the archive, not `eval: None` / `package: None`
+    assert "  eval: " in summary and "exact_match=" in summary and "results.json" in summary
+    assert f"  package: {archive}" in summary
 
 
 def test_pilot_trains_briefly_then_evaluates(tmp_path, tiny_llama, repo_root):
@@ -212,3 +219,25 @@ def test_pilot_trains_briefly_then_evaluates(tmp_path, tiny_llama, repo_root):
     assert isinstance(summary["loss_fell"], bool) and summary["logged_points"] == 3
     assert any(line.startswith("loss ") for line in printed) and any("sample 1" in line for line in printed)
     assert (pilot_dir / "pilot.json").is_file() and (pilot_dir / "pilot_eval" / "samples.jsonl").is_file()
+
+
+def test_pilot_evaluates_the_whole_golden_set_and_reports_it(tmp_path, tiny_model, quickstart_data):
+    import yaml
+
+    from lmpipeline.evaluate.pilot import run_pilot
+
+    golden = quickstart_data / "golden.jsonl"
+    n_golden = len(golden.read_text().splitlines())
+    cfg = {"model_name_or_path": str(tiny_model), "output_dir": str(tmp_path / "run"), "stages": ["sft", "eval"],
+           "stage_configs": {"sft": {"dataset_name_or_path": str(quickstart_data / "sft_train.jsonl"),
+                                     "max_seq_length": 128, "per_device_train_batch_size": 8},
+                             "eval": {"golden_set": str(golden), "max_new_tokens": 4}}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = run_pilot(str(path), [], steps=2, print_fn=lambda line: None)
+    pilot_dir = tmp_path / "run-pilot"
+    assert len((pilot_dir / "pilot_eval" / "samples.jsonl").read_text().splitlines()) == n_golden > 8
+    record = json.loads((pilot_dir / "run.json").read_text())
+    assert record["derived"]["stage_configs.sft.dataset_format"] == "instruction_response"  # as the eval renders it
+    report = (pilot_dir / "report.html").read_text()
+    assert "pilot_eval" in report and summary["eval"][0]["name"] in report  # drawn after the evaluation

@@ -124,3 +124,32 @@ def test_python_api_in_seed_001_shape(tmp_path, tiny_model, quickstart_data):
     assert result.final_dir == tmp_path / "trl_sft" / "final"
     assert (result.final_dir / "adapter_config.json").exists()
     assert result.global_step == 2
+
+
+def test_stages_runs_a_subset_then_resume_runs_the_next_from_it(tmp_path, tiny_model, quickstart_data, capsys):
+    """`--stages sft` trains SFT alone; `--stages dpo --resume` then starts DPO from that SFT model."""
+    path = write_config(tmp_path, tiny_model, quickstart_data, max_steps=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["stages"] = ["sft", "dpo"]
+    cfg["stage_configs"]["dpo"] = {"dataset_name_or_path": str(quickstart_data / "dpo_train.jsonl"), "max_samples": 8,
+                                   "max_seq_length": 128, "max_steps": 1, "per_device_train_batch_size": 2}
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["run", str(path), "--stages", "sft"]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert list(record["stages"]) == ["sft"] and record["derived"]["stages"] == ["sft"]
+    assert not (run / "dpo").exists()
+    assert f"sft: " in capsys.readouterr().out
+    assert main(["run", str(path), "--stages", "dpo", "--resume"]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert list(record["stages"]) == ["sft", "dpo"] and record["stages"]["dpo"]["status"] == "done"
+    assert record["stages"]["dpo"]["model"] == record["stages"]["sft"]["final_dir"]
+    # each adapter folder's README is its model card, not PEFT's empty template
+    sft_card = (run / "sft" / "final" / "README.md").read_text()
+    assert "Model Card for Model ID" not in sft_card and "supervised fine-tuning" in sft_card
+    assert str(quickstart_data / "sft_train.jsonl") in sft_card and "| lora_r | 16 |" in sft_card
+    assert f'PeftModel.from_pretrained(base_model, "{run / "sft" / "final"}")' in sft_card
+    dpo_card = (run / "dpo" / "final" / "README.md").read_text()
+    assert "preference optimisation" in dpo_card and "| beta | 0.1 |" in dpo_card
+    assert "on top of the earlier stages' adapters (sft)" in dpo_card  # and loads the chain in order
+    assert f"for adapter in {[str(run / 'sft' / 'final'), str(run / 'dpo' / 'final')]!r}" in dpo_card

@@ -99,6 +99,29 @@ def test_sectioned_override_by_section_name(repo_root):
     assert cfg.stage("sft").dataset_name_or_path == "x.json"
 
 
+def test_set_reaches_every_section_of_the_sectioned_form(repo_root):
+    """`training.*`, `lora.*`, `model.*`, `dataset.*` and top-level keys, as README documents them."""
+    cfg = load_config(repo_root / "examples" / "seed000_config.yaml", [
+        "training.learning_rate=1e-4", "training.warmup_ratio=0.1", "training.output_dir=out/x",
+        "lora.r=8", "model.max_seq_length=512", "dataset.format=custom", "output_dir=out/y"])
+    sft = cfg.stage("sft")
+    assert (sft.learning_rate, sft.warmup_ratio, sft.lora_r, sft.max_seq_length) == (1e-4, 0.1, 8, 512)
+    assert sft.dataset_format == "text"  # the section's own name for it, translated as in the file
+    assert cfg.output_dir == "out/y"  # the later --set wins over training.output_dir
+    assert load_config(repo_root / "examples" / "seed000_config.yaml", ["training.output_dir=out/x"]).output_dir == "out/x"
+
+
+def test_set_unknown_sectioned_key_names_set_and_the_closest_key(repo_root):
+    with pytest.raises(ConfigError) as e:
+        load_config(repo_root / "examples" / "seed000_config.yaml",
+                    ["lora.rank=8", "training.lerning_rate=1e-4", "training=3"])
+    text = str(e.value)
+    assert "lora.rank" in text and "--set" in text and "unknown key" in text
+    assert "stage_configs.sft.lerning_rate" in text and "learning_rate" in text
+    assert "training: unknown key; give one key: training.KEY=VALUE" in text
+    assert "seed000_config.yaml:20" not in text  # no line of the file is blamed for an override
+
+
 def test_python_tags_are_refused(tmp_path):
     p = write(tmp_path, "model_name_or_path: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError) as e:

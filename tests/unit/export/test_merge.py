@@ -116,3 +116,43 @@ def test_dequantized_base_reproduces_the_qlora_model_better(tiny_llama, tmp_path
                    - trained).abs().max().item() for d in (tmp_path / "deq", tmp_path / "orig")]
     assert errors[0] < errors[1]
     assert "quantization_config" not in json.loads((tmp_path / "deq" / "config.json").read_text())
+
+
+def _run_with_merge_stage(tiny_llama, root):
+    """A run as the quickstart leaves it: sft and dpo adapters, then a merge stage holding their merge."""
+    run = make_run(root, tiny_llama)
+    merged = root / "merge" / "final"
+    merge_model(gen.resolve_model(run), merged, dtype="float32")
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["stages"].append("merge")
+    record["stages"]["merge"] = {"kind": "merge", "status": "done", "model": str(run / "dpo" / "final"),
+                                 "final_dir": str(merged), "adapter": False}
+    (run / "run.json").write_text(json.dumps(record))
+    return run, merged
+
+
+def test_merge_command_on_a_merged_run_points_at_the_merged_model(tiny_llama, tmp_path, capsys):
+    from lmpipeline.commands.merge_cmd import merge_command
+
+    run, merged = _run_with_merge_stage(tiny_llama, tmp_path / "run")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for path in (run, merged):  # the run folder, or its merge stage's folder
+        assert merge_command(str(path), None) == 0
+        out = capsys.readouterr().out
+        assert "already holds a merged model" in out and str(merged) in out and "sft -> dpo" in out
+        assert "nothing written" in out and "--output" in out
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_merge_command_with_output_merges_the_latest_adapter_chain(tiny_llama, tmp_path, capsys):
+    """--output on a merged run writes the sft -> dpo merge again there, equal to the merge stage's."""
+    from lmpipeline.commands.merge_cmd import merge_command
+
+    run, merged = _run_with_merge_stage(tiny_llama, tmp_path / "run")
+    assert merge_command(str(run), str(tmp_path / "again"), dtype="float32") == 0
+    assert "merged sft -> dpo" in capsys.readouterr().out
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    stage = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert torch.equal(_logits(again), _logits(stage))  # the same weights through the same merge code
+    with pytest.raises(UserError, match="--output"):
+        merge_command(str(make_run(tmp_path / "unmerged", tiny_llama)), None)

@@ -142,3 +142,16 @@ def test_errors(tmp_path, config, capsys):
 def test_cpu_script_asks_for_no_gpus(config):
     text = training_script(SlurmSpec(str(config), cpu=True))
     assert "--gpus-per-node" not in text and " --cpu " in text
+
+
+def test_script_goes_to_the_run_folder_not_the_checkout(tmp_path, config, monkeypatch, capsys):
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["slurm", str(config)]) == 0
+    script = tmp_path / "run" / "slurm" / f"{config.stem}.sbatch"
+    assert script.is_file() and f"wrote {script}" in capsys.readouterr().out
+    assert f"{tmp_path / 'run' / 'slurm' / 'logs'}/%x-%j-node%n.log" in script.read_text()  # its logs beside it
+    assert main(["slurm", "--setup", "--venv", str(tmp_path / "venv")]) == 0
+    assert (work / "outputs" / "slurm-setup" / "setup_venv.sbatch").is_file()  # under outputs/, which git ignores
+    assert sorted(p.name for p in work.iterdir()) == ["outputs"]
