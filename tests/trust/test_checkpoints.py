@@ -169,4 +169,4 @@ def test_resume_ignores_and_cleans_a_half_written_checkpoint(tmp_path):
     got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step, loss in ref.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
+        assert got[step] == loss, step  # one process, same kernels, checkpoint restored bitwise: exact

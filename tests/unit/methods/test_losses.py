@@ -58,7 +58,7 @@ def test_ipo_uses_token_averaged_logratios():
 def test_simpo_is_reference_free_and_length_normalised():
     # avg chosen -10/4 = -2.5, avg rejected -12/2 = -6 ; z = 2 * 3.5 - 0.5 = 6.5 ; log(1 + e^-6.5)
     value = losses.simpo(_lp(with_ref=False), LossParams(beta=2.0, simpo_gamma=0.5)).item()
-    assert value == pytest.approx(0.0015023107, abs=1e-9)
+    assert value == pytest.approx(0.0015023102, abs=1e-9)  # ten decimals: the constant rounds by <= 5e-11
     assert "simpo" in losses.REFERENCE_FREE
 
 

@@ -46,7 +46,9 @@ def test_half_the_layers_checkpointed_same_gradients_fewer_saved_tensors():
     assert flags == [True, False, True, False]
     partial = _grads(model, ids)
     for name, g in plain.items():
-        assert torch.allclose(g, partial[name], atol=1e-6), name
+        # A checkpointed layer reruns its forward with the same kernels on the same inputs, and the
+        # gradients meet in the same order: nothing rounds differently, so they are bitwise the same.
+        assert torch.equal(g, partial[name]), name
 
     # Checkpointed layers keep only their input: fewer tensors saved for backward than with none.
     def saved_count(m):

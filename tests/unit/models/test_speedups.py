@@ -48,7 +48,7 @@ def test_lora_input_casts_off_under_autocast_is_exact_and_restored():
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-3, atol=1e-6), name
+        assert torch.equal(grads[name], ref_grads[name]), name  # the same kernels on bitwise-same inputs
 
 
 def test_fp32_training_keeps_the_casts_and_varlen_is_switched_back():
