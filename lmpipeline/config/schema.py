@@ -176,11 +176,15 @@ class TrainStageConfig(_Strict):
     )
 
     # --- precision and speed
-    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU, or CPUs that support it).")
-    fp16: bool = Field(False, description="float16 mixed precision (GPU).")
+    bf16: Union[bool, Literal["auto"]] = Field(
+        "auto", description="bfloat16 mixed precision. auto: on where the GPU has bf16 tensor cores (Ampere and "
+        "newer); on a GPU without them fp16 with loss scaling (fp32 for model families that overflow in fp16); "
+        "fp32 on the CPU. The choice is logged and stored in run.json."
+    )
+    fp16: bool = Field(False, description="float16 mixed precision with loss scaling (GPU).")
     gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
-        False, description="Recompute activations to save memory; auto: on only when the micro-batch would "
-        "not fit the GPU without it (off on CPU)."
+        "auto", description="Recompute activations to save memory. auto: the least recomputation (none, a quarter, "
+        "half or all of the layers) with which the run fits the GPU it has, the fastest by the estimate; off on CPU."
     )
     gradient_checkpointing_fraction: float = Field(
         1.0, gt=0, le=1, description="Share of the decoder layers checkpointed when gradient_checkpointing is on "
@@ -258,7 +262,7 @@ class TrainStageConfig(_Strict):
             raise ValueError(f"expected a positive number of tokens, `auto` or null, got {v!r}")
         raise ValueError(f"expected a positive integer or `auto`, got {v!r}")
 
-    @field_validator("gradient_checkpointing", "torch_compile", mode="before")
+    @field_validator("bf16", "gradient_checkpointing", "torch_compile", mode="before")
     @classmethod
     def _bool_or_auto(cls, v):
         if v == "auto" or isinstance(v, bool):
@@ -301,7 +305,7 @@ class TrainStageConfig(_Strict):
             raise ValueError("use_4bit and use_8bit are exclusive: pick one")
         if (self.use_4bit or self.use_8bit) and not self.use_lora:
             raise ValueError("4-bit/8-bit loading trains adapters only: set use_lora: true")
-        if self.bf16 and self.fp16:
+        if self.bf16 is True and self.fp16:
             raise ValueError("bf16 and fp16 are exclusive: pick one")
         b = self.per_device_train_batch_size
         if self.global_batch_size and b != "auto" and b * self.gradient_accumulation_steps != self.global_batch_size:

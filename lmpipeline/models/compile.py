@@ -104,7 +104,7 @@ def compile_by_default(cfg, *, optimizer_steps: int, cuda: bool, processes: int)
         return False, "no CUDA GPU"
     if not cfg.use_lora or cfg.use_8bit or cfg.use_dora:
         return False, "only LoRA and 4-bit QLoRA were measured compiled"
-    if not cfg.bf16:
+    if cfg.bf16 is not True:
         return False, "only bf16 was measured compiled"
     if processes > 1:
         return False, f"{processes} processes (compiled layers were measured on one GPU)"

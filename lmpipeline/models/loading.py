@@ -81,7 +81,7 @@ def load_tokenizer(name: str, *, eos_token: str | None = None, pad_token: str | 
 def training_dtype(stage: TrainStageConfig, requested: str = "auto") -> torch.dtype:
     if requested != "auto":
         return DTYPES[requested]
-    if stage.bf16:
+    if stage.bf16 is True:
         return torch.bfloat16
     if stage.fp16:
         return torch.float16

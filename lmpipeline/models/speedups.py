@@ -76,7 +76,7 @@ class TrainingSpeedups:
             for m in [self.model, *self.others]:
                 self._attention_before.append((m, attention.switch(m, self.implementation)))
             on.append(f"attention {self.implementation} over packed rows")
-        if cfg.bf16 or cfg.fp16:  # exact only under autocast, which bf16/fp16 training runs in
+        if cfg.bf16 is True or cfg.fp16:  # exact only under autocast, which bf16/fp16 training runs in
             self._uncast = [m for m in _cast_flags(self.model) if m.cast_input_dtype_enabled]
             for m in self._uncast:
                 m.cast_input_dtype_enabled = False

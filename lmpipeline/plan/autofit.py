@@ -47,7 +47,31 @@ SKIP_ENV = "LMPIPELINE_SKIP_FIT_CHECK"  # =1: warn instead of stopping when the 
 
 
 def has_auto(stage) -> bool:
-    return stage.per_device_train_batch_size == "auto" or stage.gradient_checkpointing == "auto"
+    return (stage.per_device_train_batch_size == "auto" or stage.gradient_checkpointing == "auto"
+            or stage.bf16 == "auto")
+
+
+# Model families whose activations overflow fp16's range (their own docs recommend bf16 or fp32).
+FP16_UNSAFE_FAMILIES = ("gemma", "gemma2", "gemma3", "t5")
+
+
+def resolve_precision(stage, arch: Architecture | None, device: hardware.GPU | None, *,
+                      planning: bool) -> tuple[bool, bool, str]:
+    """(bf16, fp16, why) for `bf16: auto`: bf16 where the GPU has bf16 tensor cores; on a GPU without them
+    fp16 with loss scaling, unless the model family overflows in fp16 (then fp32); fp32 on the CPU.
+    `planning` with no device: a plan for a GPU not named yet, which is planned as a bf16 one."""
+    if stage.bf16 != "auto":
+        return stage.bf16, stage.fp16, "as configured"
+    if stage.fp16:
+        return False, True, "fp16 is set"
+    if device is None:
+        return (True, False, "planned for a GPU with bf16") if planning else (False, False, "no CUDA GPU: fp32")
+    if device.bf16:
+        return True, False, f"{device.label} has bf16 tensor cores"
+    family = arch.model_type if arch is not None else None
+    if family in FP16_UNSAFE_FAMILIES:
+        return False, False, f"{device.label} has no bf16 and {family} overflows in fp16: fp32"
+    return False, True, f"{device.label} has no bf16: fp16 with loss scaling"
 
 
 def target_global_batch(stage) -> int:
@@ -61,11 +85,18 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def resolve_auto(stage, method, arch: Architecture | None, device: hardware.GPU | None, *,
-                 profile=None, torch_dtype: str = "auto", impl: str = "lmpipeline") -> tuple[Any, dict, list[str]]:
+                 profile=None, torch_dtype: str = "auto", impl: str = "lmpipeline",
+                 planning: bool = False) -> tuple[Any, dict, list[str]]:
     """(stage config with concrete values, {field: resolved value}, messages) for a stage of `method`
-    (lmpipeline/methods: its estimator terms). A stage without auto values comes back unchanged."""
+    (lmpipeline/methods: its estimator terms). A stage without auto values comes back unchanged.
+    `planning`: an estimate, not a run; with no device it plans for a GPU (bf16: auto as bf16)."""
     if not has_auto(stage):
         return stage, {}, []
+    precision: dict[str, Any] = {}
+    if stage.bf16 == "auto":
+        bf16, fp16, why = resolve_precision(stage, arch, device, planning=planning)
+        precision = {"bf16": bf16, "fp16": fp16}
+        stage = stage.model_copy(update=precision)
     batch_auto = stage.per_device_train_batch_size == "auto"
     gc_auto = stage.gradient_checkpointing == "auto"
     target = target_global_batch(stage) if batch_auto else None
@@ -118,8 +149,11 @@ def resolve_auto(stage, method, arch: Architecture | None, device: hardware.GPU 
         if peak is not None:
             messages.append(f"{where} auto for {device.label} ({device.memory_gib:.0f} GiB): estimated peak "
                             f"{peak / hardware.GIB:.1f} GiB of a {budget / hardware.GIB:.1f} GiB budget")
-    derived: dict[str, Any] = {}
+    derived: dict[str, Any] = dict(precision)
     update: dict[str, Any] = {}
+    if precision:
+        chosen = "bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "fp32"
+        messages.append(f"{where} bf16: auto -> {chosen} ({why})")
     if batch_auto:
         update["per_device_train_batch_size"] = b
         update["gradient_accumulation_steps"] = ga
@@ -136,7 +170,7 @@ def resolve_auto(stage, method, arch: Architecture | None, device: hardware.GPU 
                         + (f", gradient_checkpointing_fraction -> {fraction:g}" if gc and fraction < 1.0 else ""))
     resolved = stage.model_copy(update=update)
     # Which values were auto, for the probe step on the GPU (probe_sft).
-    resolved._auto = {**{k: True for k in derived if k != "gradient_accumulation_steps"},
+    resolved._auto = {**{k: True for k in derived if k not in ("gradient_accumulation_steps", "bf16", "fp16")},
                       **({"target": target} if batch_auto else {})}
     return resolved, derived, messages
 
@@ -223,7 +257,7 @@ def sft_probe_step(model, cfg, data, tokenizer, objective, device) -> Callable[[
 
     import torch
 
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    dtype = torch.bfloat16 if cfg.bf16 is True else torch.float16 if cfg.fp16 else None
     lengths = [len(e) for e in data.train]
     wrapped = cfg.packing and cfg.packing_strategy == "wrapped"
 
@@ -268,7 +302,7 @@ def probe_sft(model, cfg, data, tokenizer, objective) -> tuple[Any, dict]:
     device = torch.device("cuda", torch.cuda.current_device())
     step = sft_probe_step(model, cfg, data, tokenizer, objective, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_param, _ = est._optimizer_bytes_per_param(cfg.optim, 4 if cfg.use_lora else 2 if (cfg.bf16 or cfg.fp16) else 4)
+    per_param, _ = est._optimizer_bytes_per_param(cfg.optim, 4 if cfg.use_lora else 2 if (cfg.bf16 is True or cfg.fp16) else 4)
     budget = hardware.max_peak_for(torch.cuda.get_device_properties(device).total_memory)
     cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
     model.train()

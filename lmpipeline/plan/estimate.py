@@ -230,6 +230,7 @@ def setup_from_stage(stage, method, *, torch_dtype: str = "auto", impl: str = "l
     """The Setup of a training stage config (auto values must be resolved or overridden). `method`: the
     stage's Method (lmpipeline/methods), for its estimator terms and the reference the config runs with."""
     quant = "4bit" if stage.use_4bit else "8bit" if stage.use_8bit else "none"
+    # An unresolved `bf16: auto` is planned as the GPU case: bf16 (autofit.resolve_precision).
     if torch_dtype in ("bfloat16", "float16"):
         weight_bytes = 2
     elif torch_dtype == "float32":

@@ -86,7 +86,7 @@ def plan_stage(stage, method, arch: Architecture | None, *, device: hardware.GPU
         plan.reason = "model architecture unknown (not a local folder, not a shipped config, not in the HF cache)"
         return plan
     resolved, derived, messages = autofit.resolve_auto(stage, method, arch, device, profile=plan.profile,
-                                                       torch_dtype=torch_dtype, impl=impl)
+                                                       torch_dtype=torch_dtype, impl=impl, planning=True)
     plan.resolved = derived
     plan.notes.extend(m for m in messages if " -> " not in m)  # the resolved values are shown on their own
     # T4, V100: no varlen kernel, so their rows are laid out as they run there (setups by flash_attention)
@@ -108,7 +108,7 @@ def plan_stage(stage, method, arch: Architecture | None, *, device: hardware.GPU
         plan.fits = hardware.fits(plan.memory.peak, device)
         if not plan.fits:
             plan.suggestions = suggestions(arch, plan.setup, device, plan.profile, seen)
-        if (resolved.bf16 and not device.bf16):
+        if resolved.bf16 is True and not device.bf16:
             plan.notes.append(f"{device.label} has no bfloat16 tensor cores: use fp16: true instead of bf16")
     return plan
 

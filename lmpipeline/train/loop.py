@@ -149,7 +149,7 @@ class MetricsWriter:
 
 
 def autocast_for(cfg: TrainStageConfig, device: torch.device):
-    if cfg.bf16:
+    if cfg.bf16 is True:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if cfg.fp16:
         return torch.autocast(device_type=device.type, dtype=torch.float16)

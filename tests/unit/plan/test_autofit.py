@@ -37,7 +37,7 @@ def test_no_gpu_resolves_to_the_defaults(arch):
 
 
 def test_values_without_auto_are_left_alone(arch):
-    s = SFTConfig(stage_name="sft", per_device_train_batch_size=3, gradient_checkpointing=True)
+    s = SFTConfig(stage_name="sft", per_device_train_batch_size=3, gradient_checkpointing=True, bf16=False)
     assert autofit.resolve_auto(s, method_for("sft"), arch, gpu(80)) == (s, {}, [])
 
 
