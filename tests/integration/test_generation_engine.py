@@ -305,3 +305,22 @@ def _snapshot(model) -> dict:
             "weights": {k: v.clone() for k, v in model.state_dict().items()}.keys(),
             "sums": [float(p.double().sum()) for p in model.parameters()],
             "grad": [p.requires_grad for p in model.parameters()]}
+
+
+def test_generate_command_samples_reproducibly_and_stops_at_a_string(tiny_model, quickstart_data, tmp_path):
+    from lmpipeline.commands.generate import generate_command
+
+    def run(name, **kw):
+        out = tmp_path / f"{name}.jsonl"
+        assert generate_command(str(tiny_model), str(quickstart_data / "golden.jsonl"), str(out), max_new_tokens=12,
+                                max_samples=6, dtype="float32", **kw) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    hot = dict(temperature=1.0, top_k=30, top_p=0.95)
+    a, b, c = run("a", seed=1, **hot), run("b", seed=1, **hot), run("c", seed=2, **hot)
+    assert [r["output"] for r in a] == [r["output"] for r in b] != [r["output"] for r in c]
+    greedy = run("greedy")
+    word = next(w for r in greedy for w in r["output"].split()[1:2])
+    cut = run("cut", stop=[" " + word])
+    assert all(" " + word not in r["output"] for r in cut)
+    assert any(r["finished"] and len(r["output"]) < len(g["output"]) for r, g in zip(cut, greedy))
