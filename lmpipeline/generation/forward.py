@@ -23,18 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from lmpipeline.generation.kv_cache import StaticKVCache
+from lmpipeline.models import attention
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def causal_lm(model):
     """The *ForCausalLM under PEFT and wrapper modules."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner
+    return attention._text_config(model)[0]
 
 
 def unsupported_reason(model, max_len: int | None = None) -> str | None:

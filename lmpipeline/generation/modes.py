@@ -21,6 +21,11 @@ from lmpipeline.models import attention
 from lmpipeline.models.compile import decoder_layers
 
 
+def _set(modules, attr: str, value) -> None:
+    for m in modules:
+        setattr(m, attr, value)
+
+
 @contextmanager
 def generation_mode(model):
     modes = [(m, m.training) for m in model.modules()]
@@ -33,12 +38,9 @@ def generation_mode(model):
     previous_attention = None
     try:
         model.eval()
-        for m in checkpointed:
-            m.gradient_checkpointing = False
-        for m in uncast:
-            m.cast_input_dtype_enabled = True
-        for layer, _ in compiled:
-            layer._compiled_call_impl = None
+        _set(checkpointed, "gradient_checkpointing", False)
+        _set(uncast, "cast_input_dtype_enabled", True)
+        _set([layer for layer, _ in compiled], "_compiled_call_impl", None)
         if config._attn_implementation == attention.VARLEN:
             previous_attention = attention.switch(model, "sdpa")
         config.use_cache = True
@@ -49,10 +51,8 @@ def generation_mode(model):
         config.use_cache = use_cache
         for layer, impl in compiled:
             layer._compiled_call_impl = impl
-        for m in uncast:
-            m.cast_input_dtype_enabled = False
-        for m in checkpointed:
-            m.gradient_checkpointing = True
+        _set(uncast, "cast_input_dtype_enabled", False)
+        _set(checkpointed, "gradient_checkpointing", True)
         for m, was in modes:
             m.training = was
 
