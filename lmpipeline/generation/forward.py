@@ -13,7 +13,7 @@ exactly as trained, nothing is merged or copied. Only attention is ours: over th
   group, head_dim], so no key or value is repeated.
 
 Families: Llama, Mistral, Qwen2, Qwen3 (query/key norms) without attention soft-capping and without a
-sliding window shorter than the sequences. `unsupported_reason` says why any other model is not
+sliding window shorter than the sequences, on one device. `unsupported_reason` says why any other model is not
 served here (the engine then falls back to model.generate).
 """
 
@@ -37,6 +37,9 @@ def unsupported_reason(model, max_len: int | None = None) -> str | None:
     """Why this model cannot run here, or None (`max_len`: the longest sequence of a run, for windows)."""
     lm = causal_lm(model)
     cfg = lm.config
+    placed = set((getattr(lm, "hf_device_map", None) or {}).values())
+    if len(placed) > 1:  # accelerate moves activations between devices in hooks the engine does not run
+        return f"weights spread over {len(placed)} devices ({', '.join(map(str, sorted(placed, key=str)))})"
     kind = getattr(cfg, "model_type", None)
     if kind not in FAMILIES:
         return f"model type {kind!r} (served natively: {', '.join(FAMILIES)})"
