@@ -43,3 +43,22 @@ def test_model_shape_from_a_config(tiny_model):
 def test_buckets_cover_every_slot_count(slots, expected):
     assert buckets(slots) == expected
     assert all(bucket_for(n, expected) >= n for n in range(1, slots + 1))
+
+
+def test_a_request_set_that_does_not_fit_names_the_sizes(monkeypatch):
+    import torch
+
+    from lmpipeline.errors import UserError
+
+    shape = memory.ModelShape(layers=28, hidden=3072, intermediate=8192, heads=24, kv_heads=8, head_dim=128,
+                              vocab=128256, dtype_bytes=2)
+    need = memory.generation_bytes(shape, slots=256, max_len=384, max_new=256)
+    free = need.total // 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    with pytest.raises(UserError) as e:
+        memory.check_fits(need, torch.device("cuda"), slots=256, max_len=384)
+    text = str(e.value) + (e.value.hint or "")
+    assert "KV cache 10.50 GiB (256 slots x 384 tokens)" in text
+    per_slot = (need.kv_cache + need.slot_state + need.sampling) / 256
+    assert f"at most {int((free - need.prefill) // per_slot)} slots" in text
+    memory.check_fits(need, torch.device("cpu"), slots=256, max_len=384)  # the CPU is not checked
