@@ -39,7 +39,7 @@ import torch
 from lmpipeline.errors import UserError
 from lmpipeline.generation import memory, sampling
 from lmpipeline.generation.fallback import generate_with_hf
-from lmpipeline.generation.forward import DecoderRunner, unsupported_reason
+from lmpipeline.generation.forward import DecoderRunner, rope_reads_positions_on_host, unsupported_reason
 from lmpipeline.generation.graphs import DecodeGraphs, bucket_for, buckets
 from lmpipeline.generation.modes import generation_mode
 from lmpipeline.generation.params import LENGTH, STOP, Completion, Request
@@ -73,6 +73,9 @@ class GenerationEngine:
         self.runner = DecoderRunner(model) if self.reason is None else None
         on_cuda = self.runner is not None and self.runner.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        if self.cuda_graphs and rope_reads_positions_on_host(model):
+            log.info("generation: this model's RoPE scaling reads positions on the host; decoding without CUDA graphs")
+            self.cuda_graphs = False
         self.sync_every = sync_every or (16 if on_cuda else 4)
         self._cache = self._state = None
         self._graphs: dict[str, DecodeGraphs] = {}

@@ -57,6 +57,14 @@ def unsupported_reason(model, max_len: int | None = None) -> str | None:
     return None
 
 
+def rope_reads_positions_on_host(model) -> bool:
+    """Dynamic and long-context RoPE scaling recompute frequencies from max(position) on the host each
+    call, which a CUDA graph cannot replay: such models decode eagerly."""
+    params = getattr(causal_lm(model).config, "rope_parameters", None) or {}
+    kind = str(params.get("rope_type", "default")) if isinstance(params, dict) else "default"
+    return "dynamic" in kind or kind == "longrope"
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

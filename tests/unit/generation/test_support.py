@@ -34,3 +34,11 @@ def test_a_sliding_window_matters_only_when_sequences_are_longer():
                                              num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
     assert unsupported_reason(model, max_len=8) is None
     assert "sliding window of 8" in unsupported_reason(model, max_len=9)
+
+
+def test_dynamic_rope_scaling_is_flagged_for_eager_decoding():
+    from lmpipeline.generation.forward import rope_reads_positions_on_host
+
+    assert not rope_reads_positions_on_host(_llama())
+    scaled = _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert rope_reads_positions_on_host(scaled)
