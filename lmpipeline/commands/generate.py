@@ -2,7 +2,9 @@
 
 Each input row (any shape read_prompts accepts: {"prompt": str | messages}, or an SFT format) is
 written back with "output", "num_tokens" and "finished" (False when cut at --max-new-tokens). Greedy
-unless --temperature > 0. The output file is written whole at the end (atomically).
+unless --temperature > 0 (then --top-p, --top-k and --seed apply); --stop ends an answer at a string.
+Generation runs on lmpipeline's engine with --batch-size slots. The output file is written whole at
+the end (atomically).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: int = 256, batch_size: int = 8,
                      base_model: str | None = None, dtype: str = "auto", chat_template: str | None = None,
-                     system: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                     max_samples: int | None = None, allow_pickle_weights: bool = False) -> int:
+                     system: str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int = 0, stop: list[str] | None = None, max_samples: int | None = None,
+                     allow_pickle_weights: bool = False) -> int:
     from lmpipeline.evaluate import generation as gen
 
     out = Path(output)
@@ -33,7 +36,8 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
     t0 = time.perf_counter()
     results = gen.generate_batch(model, tokenizer, [r.prompt for r in rows], chat_template=template,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p)
+                                 do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
+                                 top_k=top_k, stop=stop or (), seed=seed)
     seconds = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -60,10 +64,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, metavar="FILE", help='JSONL of {"prompt": str or messages} (or an SFT format)')
     p.add_argument("--output", required=True, metavar="FILE", help="JSONL written with an `output` per row")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="prompts generated at once (engine slots, default 8)")
     p.add_argument("--max-samples", type=int, metavar="N", help="only the first N prompts")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end an answer at this string (repeatable)")
     p.add_argument("--system", metavar="TEXT", help="system prompt put before prompts that have none")
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model for an adapter, if not the recorded one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
@@ -72,6 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: generate_command(
         a.path, a.prompts, a.output, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
         base_model=a.base_model, dtype=a.dtype, chat_template=a.chat_template, system=a.system,
-        temperature=a.temperature, top_p=a.top_p, max_samples=a.max_samples,
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, stop=a.stop,
+        max_samples=a.max_samples,
         allow_pickle_weights=a.allow_pickle_weights))
     return p

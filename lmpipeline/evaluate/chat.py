@@ -1,9 +1,9 @@
 """Interactive chat with a trained model (seed 004's inference.py interactive mode).
 
 A ChatSession keeps the conversation (multi-turn history), renders it with the chat template,
-generates the next assistant turn and streams its text as it comes, whole characters only
-(text_stream.IncrementalDecoder), to any text stream. By default an answer may use a quarter of the
-model's context (default_max_new_tokens), leaving the rest for the history. `run_chat` is the read-eval-print loop over lines of input:
+generates the next assistant turn with lmpipeline's engine and streams its text as the tokens come, whole
+characters only (text_stream.IncrementalDecoder), to any text stream. By default an answer may use a
+quarter of the model's context (default_max_new_tokens), leaving the rest for the history. `run_chat` is the read-eval-print loop over lines of input:
 
     /reset         forget the conversation (the system prompt stays)
     /system TEXT   set the system prompt (empty TEXT removes it) and start over
@@ -11,7 +11,8 @@ model's context (default_max_new_tokens), leaving the rest for the history. `run
     /help          list the commands
     /exit, /quit   leave (so does end of input, Ctrl-D)
 
-Sampling: temperature > 0 samples with top_p; temperature 0 is greedy. When the conversation would
+Sampling: temperature > 0 samples with top_p (seeded by the turn number, so a replayed conversation
+gives the same answers); temperature 0 is greedy. When the conversation would
 not fit the model's context (max_position_embeddings) with room for max_new_tokens, the oldest turns
 are dropped from what the model sees (the history keeps them) and a note says how many.
 Ctrl-C during an answer stops that answer and discards the turn; at the prompt it leaves.
@@ -26,6 +27,7 @@ from typing import TextIO
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
 from lmpipeline.evaluate.text_stream import IncrementalDecoder
+from lmpipeline.generation import GenerationEngine, Request
 
 HELP = "commands: /reset, /system TEXT, /history, /help, /exit"
 
@@ -42,30 +44,23 @@ def default_max_new_tokens(model) -> int:
     return max(1, context // REPLY_CONTEXT_SHARE) if context else REPLY_TOKENS_UNKNOWN_CONTEXT
 
 
-def _streamer(tokenizer, out: TextIO):
-    from transformers.generation.streamers import BaseStreamer
+class _TextStream:
+    """The engine's on_tokens callback: writes the answer's text as its tokens come, whole characters only."""
 
-    class _WriterStreamer(BaseStreamer):
-        # Writes to any stream (a pty, a test's pipe); whole characters only (evaluate/text_stream.py).
-        def __init__(self):
-            self.decoder = IncrementalDecoder(tokenizer)
-            self.prompt_done = False
+    def __init__(self, tokenizer, out: TextIO):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.out = out
 
-        def put(self, value):
-            if not self.prompt_done:  # generate() hands the prompt over first
-                self.prompt_done = True
-                return
-            self._write(self.decoder.push(value.reshape(-1).tolist()))
+    def __call__(self, request: int, sample: int, ids: list[int]) -> None:
+        self._write(self.decoder.push(ids))
 
-        def end(self):
-            self._write(self.decoder.finish())
+    def finish(self) -> None:
+        self._write(self.decoder.finish())
 
-        def _write(self, text: str) -> None:
-            if text:
-                out.write(text)
-                out.flush()
-
-    return _WriterStreamer()
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
 
 
 class ChatSession:
@@ -85,6 +80,9 @@ class ChatSession:
         self.top_p = top_p
         self.history: list[dict] = []
         self.dropped_turns = 0
+        self.turns = 0
+        # One token per read-back, so the answer streams as it is generated.
+        self.engine = GenerationEngine(model, tokenizer, max_slots=1, sync_every=1)
 
     def reset(self) -> None:
         self.history = []
@@ -113,27 +111,20 @@ class ChatSession:
 
     def reply(self, text: str, stream: TextIO | None = None) -> str:
         """Add a user turn, generate (streaming to `stream`), add and return the assistant turn."""
-        import torch
-
         self.history.append({"role": "user", "content": text})
         try:
             ids = self._fit()
-            cfg = gen.generation_config(self.tokenizer, self.template, max_new_tokens=self.max_new_tokens,
-                                        do_sample=self.temperature > 0, temperature=self.temperature or 1.0,
-                                        top_p=self.top_p)
-            device = next(self.model.parameters()).device
-            input_ids = torch.tensor([ids], device=device)
-            with torch.no_grad():
-                out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          generation_config=cfg,
-                                          streamer=_streamer(self.tokenizer, stream) if stream is not None else None)
+            params = gen.sampling_params(self.tokenizer, self.template, max_new_tokens=self.max_new_tokens,
+                                         temperature=self.temperature, top_p=self.top_p, seed=self.turns)
+            streamer = _TextStream(self.tokenizer, stream) if stream is not None else None
+            ((completion,),) = self.engine.generate([Request(ids, params)], on_tokens=streamer)
+            if streamer is not None:
+                streamer.finish()
         except BaseException:
             self.history.pop()  # an interrupted or failed answer leaves no half turn behind
             raise
-        new = out[0, input_ids.shape[1]:].tolist()
-        stops = set(gen.stop_token_ids(self.tokenizer, self.template))
-        cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-        answer = self.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        self.turns += 1
+        answer = completion.text.strip()
         self.history.append({"role": "assistant", "content": answer})
         return answer
 

@@ -21,8 +21,8 @@ on GPUs with device_map="auto", so a model larger than one GPU is spread over se
 then the adapters; the last one stays unmerged unless asked, so evaluation runs the adapter exactly
 as trained. The tokenizer (and its chat template) comes from the last stage's folder.
 
-Generation (`generate_batch`): greedy by default, batched with left padding (inputs sorted by length
-so a batch wastes little padding), stopping at eos or the template's end-of-turn token.
+Generation (`generate_batch`): greedy by default, through lmpipeline.generation's engine (batch_size
+slots refilled as answers finish), stopping at eos or the template's end-of-turn token.
 
 Raises UserError for a path that is not a model, a run without a finished model stage, a base that
 cannot be loaded (offline Hub id: pass base_model), unreadable prompt files.
@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from lmpipeline.context import RUN_FILE
 from lmpipeline.errors import UserError
@@ -640,50 +640,32 @@ def encode_prompt(tokenizer, template: str | None, prompt: str | list[dict]) -> 
     return list(tokenizer(text, add_special_tokens=template is None)["input_ids"])
 
 
-def generation_config(tokenizer, template: str | None, *, max_new_tokens: int, do_sample: bool = False,
-                      temperature: float = 1.0, top_p: float = 1.0):
-    from transformers import GenerationConfig
+def sampling_params(tokenizer, template: str | None, *, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (), seed: int | None = None):
+    """The engine's settings for answers to these prompts: greedy at temperature 0, ending at eos or
+    the template's end-of-turn token (stop_token_ids)."""
+    from lmpipeline.generation import SamplingParams
 
-    stops = stop_token_ids(tokenizer, template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                                  eos_token_id=stops or None)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    return GenerationConfig(**kwargs)
+    sampled = temperature > 0
+    return SamplingParams(temperature=temperature if sampled else 0.0, top_p=top_p if sampled else 1.0,
+                          top_k=top_k if sampled else 0, max_new_tokens=max_new_tokens, stop=tuple(stop),
+                          eos_ids=tuple(stop_token_ids(tokenizer, template)), seed=seed)
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str | list[dict]], *, chat_template: str | None = None,
                    max_new_tokens: int = 256, batch_size: int = 8, do_sample: bool = False,
-                   temperature: float = 1.0, top_p: float = 1.0) -> list[Generation]:
-    """Generate for every prompt, `batch_size` at a time, left padded; results in prompt order."""
-    import torch
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
+                   seed: int | None = None, engine=None) -> list[Generation]:
+    """Generate for every prompt with lmpipeline's engine (`batch_size` slots, refilled as answers
+    finish); results in prompt order. `engine`: reuse one (its cache and captured graphs)."""
+    from lmpipeline.generation import GenerationEngine, Request
 
-    encoded = [encode_prompt(tokenizer, chat_template, p) for p in prompts]
-    gen_cfg = generation_config(tokenizer, chat_template, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_p=top_p)
-    stops = set(stop_token_ids(tokenizer, chat_template))
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    results: list[Generation | None] = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), gen_cfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(encoded[i])
-            ids[row, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, width - n:] = 1
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-        for row, i in enumerate(idx):
-            new = out[row, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), None)
-            kept = new if cut is None else new[:cut]
-            results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                    len(new) if cut is None else cut + 1, cut is not None)
-    return [r for r in results if r is not None]
+    params = sampling_params(tokenizer, chat_template, max_new_tokens=max_new_tokens,
+                             temperature=temperature if do_sample else 0.0, top_p=top_p, top_k=top_k,
+                             stop=stop, seed=seed)
+    requests = [Request(encode_prompt(tokenizer, chat_template, p), params) for p in prompts]
+    engine = engine or GenerationEngine(model, tokenizer, max_slots=batch_size)
+    return [Generation(c.text.strip(), len(c.token_ids), c.finished) for (c,) in engine.generate(requests)]
 
 
 def release_memory() -> None:

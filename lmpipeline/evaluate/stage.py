@@ -4,7 +4,8 @@ For each model (base first, then each sft/dpo stage of the run in order; `models
     loss + perplexity   on `eval_dataset` (any SFT format), or on the golden rows that have a
                         reference (prompt -> reference as one assistant turn); chat rows are rendered
                         with the chat template and measured on assistant tokens (`loss_on`)
-    generation          greedy, batched with left padding, on the golden prompts
+    generation          greedy, on the golden prompts, through lmpipeline's engine
+                        (lmpipeline/generation; generation_batch_size slots)
     metrics             exact match, ROUGE-L, BLEU (rows with a reference), length statistics,
                         generation throughput (lmpipeline/evaluate/metrics.py)
 
@@ -208,7 +209,7 @@ class EvalStage:
             "num_prompts": len(prompts or []),
             "num_loss_examples": len(examples or []),
             "generation": {"greedy": True, "max_new_tokens": cfg.max_new_tokens,
-                           "batch_size": cfg.generation_batch_size, "padding": "left"},
+                           "batch_size": cfg.generation_batch_size, "engine": "lmpipeline.generation"},
             "chat_template_from": template_from,
             "columns": list(TABLE_COLUMNS),
             "models": rows,

@@ -84,3 +84,32 @@ def test_unknown_model_is_a_clear_error(capsys):
 
     assert main(["bench", "sft", "--model", "gpt-9", "--ours", "packed"]) == 2
     assert "unknown bench model `gpt-9`" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_tiny_generation_bench_command_writes_every_path(tmp_path, capsys):
+    """`lmpipeline bench generate` end to end on the CPU: the tiny architecture, tiny sizes, all three paths
+(one batch size: each path is a fresh worker process, ~10 s of imports on a busy 2-core machine)."""
+    from lmpipeline.cli import main
+
+    results = tmp_path / "results"
+    assert main(["bench", "generate", "--model", "tiny", "--batch-sizes", "2", "--prompt-tokens", "6",
+                 "--new-tokens", "3", "--model-dir", str(tmp_path / "model"), "--work", str(tmp_path / "w"),
+                 "--results", str(results)]) == 0
+    (path,) = results.glob("*-generate-tiny.json")
+    rows = json.loads(path.read_text())
+    assert [(r["engine"], r["batch"]) for r in rows] == [(e, b) for b in (2,) for e in ("ours", "hf-dynamic", "hf-static")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["generated_tokens"] == r["batch"] * 3 and r["new_tokens_per_s"] > 0
+        assert r["time_to_first_token_s"] > 0 and r["setup_seconds"] > 0
+    assert "| ours | 2 |" in capsys.readouterr().out
+
+
+def test_generation_bench_rejects_unknown_paths_and_sizes(capsys):
+    from lmpipeline.cli import main
+
+    assert main(["bench", "generate", "--model", "tiny", "--engines", "vllm"]) == 2
+    assert "unknown generation path(s): vllm" in capsys.readouterr().err
+    assert main(["bench", "generate", "--model", "tiny", "--batch-sizes", "0,x"]) == 2
+    assert "positive integers" in capsys.readouterr().err

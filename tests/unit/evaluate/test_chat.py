@@ -47,6 +47,30 @@ def test_second_turn_sees_the_first(model_and_tokenizer):
     assert len(ids_two_turns) > len(ids_one_turn)
 
 
+def test_streamed_text_is_the_answer_and_arrives_token_by_token(model_and_tokenizer):
+    s = _session(model_and_tokenizer)
+    s.max_new_tokens = 8
+    chunks = []
+
+    class Out(io.StringIO):
+        def write(self, text):
+            chunks.append(text)
+            return super().write(text)
+
+    out = Out()
+    answer = s.reply("hello", stream=out)
+    assert out.getvalue().strip() == answer
+    assert len(chunks) > 1  # streamed as the tokens came, not written once at the end
+
+
+def test_sampled_turns_are_reproducible(model_and_tokenizer):
+    a = _session(model_and_tokenizer)
+    b = _session(model_and_tokenizer)
+    for s in (a, b):
+        s.temperature, s.max_new_tokens = 1.0, 6
+    assert [a.reply("hi"), a.reply("more")] == [b.reply("hi"), b.reply("more")]
+
+
 def test_loop_over_a_stream(model_and_tokenizer):
     s = _session(model_and_tokenizer)
     out = io.StringIO()

@@ -1,10 +1,9 @@
 """Streaming text: whole characters only, and the pieces add up to the full decode."""
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from lmpipeline.evaluate.chat import _streamer, default_max_new_tokens
+from lmpipeline.evaluate.chat import _TextStream, default_max_new_tokens
 from lmpipeline.evaluate.text_stream import REPLACEMENT, IncrementalDecoder
 
 TEXT = "héllo 日本 🙂, naïve café\nnext line: ok"
@@ -45,13 +44,12 @@ def test_chat_streamer_writes_whole_characters(byte_tokenizer):
     import io
 
     out = io.StringIO()
-    streamer = _streamer(byte_tokenizer, out)
+    streamer = _TextStream(byte_tokenizer, out)
     ids = byte_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
-    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, as generate() passes it first: not echoed
-    for i in ids:
-        streamer.put(torch.tensor([i]))
+    for i in ids:  # the engine's on_tokens callback: request, sample, the new token ids
+        streamer(0, 0, [i])
         assert REPLACEMENT not in out.getvalue()
-    streamer.end()
+    streamer.finish()
     assert out.getvalue() == TEXT
 
 
