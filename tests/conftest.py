@@ -11,8 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# CI clones the project with ../shared beside it; a developer checkout has the same layout.
-SHARED_DIR = REPO_ROOT.parent / "shared"
+# CI clones the project with ../shared beside it; a developer checkout has the same layout. On the GPU
+# machine (where ../shared does not travel) LMPIPELINE_SHARED_DIR points at a copy of the parts a test needs.
+SHARED_DIR = Path(os.environ.get("LMPIPELINE_SHARED_DIR") or REPO_ROOT.parent / "shared")
 SHARED_DATA = SHARED_DIR / "data"
 
 

@@ -303,7 +303,7 @@ def probe_sft(model, cfg, data, tokenizer, objective) -> tuple[Any, dict]:
     step = sft_probe_step(model, cfg, data, tokenizer, objective, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_param, _ = est._optimizer_bytes_per_param(cfg.optim, 4 if cfg.use_lora else 2 if (cfg.bf16 is True or cfg.fp16) else 4)
-    budget = hardware.max_peak_for(torch.cuda.get_device_properties(device).total_memory)
+    budget = hardware.max_peak_for(hardware.usable_memory_bytes(torch.cuda.get_device_properties(device), device.index))
     cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
     model.train()
     try:

@@ -109,16 +109,28 @@ def smallest_fitting(peak_bytes: float | Callable[[GPU], float]) -> GPU | None:
     return None
 
 
-def detect_gpu() -> GPU | None:
-    """The GPU this process would train on, with its real memory (None without CUDA).
+def usable_memory_bytes(props, device_index: int) -> float:
+    """The memory this process may use on a device: its total, times the cap a process set with
+    torch.cuda.set_per_process_memory_fraction (a shared GPU, or a test that plays a smaller one)."""
+    import torch
 
-    Known models take their speed from the table; the memory is always the device's own."""
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(device_index)
+    return props.total_memory * min(1.0, fraction)
+
+
+def detect_gpu() -> GPU | None:
+    """The GPU this process would train on, with the memory it may use (None without CUDA).
+
+    Known models take their speed from the table; the memory is always the device's own, less any
+    per-process cap (usable_memory_bytes)."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        usable = usable_memory_bytes(props, index) / GIB
     except Exception:  # noqa: BLE001 - a broken CUDA set-up is reported by the training code itself
         return None
     name = props.name
@@ -130,7 +142,9 @@ def detect_gpu() -> GPU | None:
         if family in lowered.replace(" ", "").replace("-", "") and abs(g.memory_gib - mem) < 8:
             best = g
             break
+    if usable < mem:
+        name = f"{name} (capped to {usable:.1f} GiB for this process)"
     if best is not None:
-        return GPU(best.name, name, mem, best.bf16_tflops, best.bf16, best.attainable_tflops)
+        return GPU(best.name, name, usable, best.bf16_tflops, best.bf16, best.attainable_tflops)
     major = getattr(props, "major", 8)
-    return GPU("this-gpu", name, mem, 100.0, bf16=major >= 8)
+    return GPU("this-gpu", name, usable, 100.0, bf16=major >= 8)

@@ -151,7 +151,7 @@ CHARTS: list[tuple[str, list[tuple[str, str, bool]]]] = [
     ("DPO reward accuracy", [("rewards/accuracies", "train", False), ("eval_rewards/accuracies", "eval", True)]),
     ("DPO log-probs", [("logps/chosen", "chosen", False), ("logps/rejected", "rejected", False)]),
     ("Throughput (tokens/s)", [("tokens_per_second", "tokens/s", False)]),
-    ("Peak memory (GiB)", [("peak_memory_gb", "peak memory", False)]),
+    ("Peak memory (GiB)", [("peak_memory_gib", "peak memory", False)]),
 ]
 
 

@@ -100,7 +100,7 @@ class Preempted(UserError):
     exit_code = PREEMPTED_EXIT_CODE
 
 
-def _peak_memory_gb(device: torch.device) -> float:
+def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
@@ -431,7 +431,7 @@ def train(
                     "grad_norm": last_grad_norm,
                     "tokens": window["tokens"] * world,  # real tokens of the steps since the last line
                     "tokens_per_second": window["tokens"] * world / elapsed,
-                    "peak_memory_gb": round(_peak_memory_gb(device), 3),
+                    "peak_memory_gib": round(_peak_memory_gib(device), 3),
                 })
                 if regrouping:  # this rank's forward passes per step, after regrouping
                     rec["micro_batches_per_step"] = window["micro"] / max(window["steps"], 1)

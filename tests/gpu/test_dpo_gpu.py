@@ -30,6 +30,6 @@ def test_dpo_qlora_runs_and_records_peak_memory(tmp_path, gpu_model, quickstart_
     assert abs(logged[0]["loss"] - 0.6931) < 0.05  # policy == reference at the start
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert key in logged[-1]
-    print(f"DPO {'QLoRA' if use_4bit else 'bf16 LoRA'}: peak {logged[-1]['peak_memory_gb']:.3f} GiB, "
+    print(f"DPO {'QLoRA' if use_4bit else 'bf16 LoRA'}: peak {logged[-1]['peak_memory_gib']:.3f} GiB, "
           f"final loss {logged[-1]['loss']:.4f}")
     assert (result.final_dir / "adapter_model.safetensors").exists()

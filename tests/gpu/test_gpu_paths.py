@@ -33,7 +33,7 @@ def _run(tmp_path, gpu_model, quickstart_data, **overrides):
 def test_qlora_4bit(tmp_path, gpu_model, quickstart_data, quant_type):
     lines = _run(tmp_path, gpu_model, quickstart_data, use_4bit=True, bnb_4bit_quant_type=quant_type,
                  gradient_checkpointing=True)
-    assert lines[-1]["peak_memory_gb"] > 0
+    assert lines[-1]["peak_memory_gib"] > 0
     # No float32 copy of the frozen non-quantised weights (models/loading.prepare_kbit_model): they stay
     # bf16, and only the LoRA weights train.
     params = dict(_run.model.named_parameters())

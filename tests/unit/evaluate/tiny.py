@@ -87,7 +87,7 @@ def write_metrics(path: Path, steps: int = 20, dpo: bool = False) -> None:
     with open(path, "w") as f:
         for s in range(1, steps + 1):
             rec = {"step": s, "epoch": s / steps, "loss": 2.5 - s * 0.05, "learning_rate": 1e-4 * (1 - s / steps),
-                   "grad_norm": 1.0 / s, "tokens_per_second": 1000.0 + s, "peak_memory_gb": 1.5}
+                   "grad_norm": 1.0 / s, "tokens_per_second": 1000.0 + s, "peak_memory_gib": 1.5}
             if dpo:
                 rec.update({"rewards/chosen": 0.01 * s, "rewards/rejected": -0.01 * s, "rewards/accuracies": 0.5 + s / 50,
                             "rewards/margins": 0.02 * s, "logps/chosen": -50.0 + s, "logps/rejected": -50.0 - s})
