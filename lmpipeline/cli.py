@@ -1,5 +1,10 @@
 """Command line: parse, call, print. Every user mistake ends as one readable message and exit code 2.
 
+Anything else that escapes a command (a bug, or a case no check foresaw) ends as one paragraph naming
+the command, its input and the stage, with exit code INTERNAL_ERROR_EXIT_CODE; the traceback goes to
+the run's run.log (or, outside a run, a crash log file the message names), never to the console.
+SIGTERM outside a training step is handled like Ctrl-C, so a stopped stage is recorded as interrupted.
+
     lmpipeline run CONFIG [--set KEY=VALUE ...] [--overwrite | --resume]
     lmpipeline validate CONFIG [--set ...] [--config-only]
     lmpipeline data inspect CONFIG [--stage S] [-n N] [--jsonl]
@@ -12,9 +17,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 from lmpipeline.config.errors import ConfigError
+
+# EX_SOFTWARE: an internal error, told apart from a user mistake (2) and a stopped run (75, 130).
+INTERNAL_ERROR_EXIT_CODE = 70
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -43,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value (with --config)")
     parser.add_argument("--overwrite", dest="top_overwrite", action="store_true", help="(with --config) replace an existing run")
     parser.add_argument("--resume", dest="top_resume", action="store_true", help="(with --config) continue an existing run")
+    parser.add_argument("--allow-changed-config", dest="top_allow_changed", action="store_true",
+                        help="(with --config --resume) continue with a changed config or data")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -51,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    run.add_argument("--allow-changed-config", action="store_true",
+                     help="with --resume: continue even though the config or the data files changed (recorded in run.json)")
 
     val = sub.add_parser("validate", help="check a config and its data without training",
                          description="Check the config, then the model reference and every data row; no training.")
@@ -80,66 +96,130 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmpipeline.data.types import DataError
-    from lmpipeline.errors import UserError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    previous = _sigterm_as_interrupt()
     try:
-        if getattr(args, "func", None) is not None:
-            return args.func(args)
-        if args.command is None:
-            if not args.config:
-                parser.print_help()
-                return 2
-            return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume)
-        if args.command == "run":
-            if args.pilot:
-                from lmpipeline.evaluate.pilot import run_pilot
+        return _guarded(parser, args, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
-                run_pilot(args.config, args.overrides, steps=args.pilot, overwrite=args.overwrite)
-                return 0
-            return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume)
-        if args.command == "validate":
-            from lmpipeline.commands.validate import validate_command
 
-            return validate_command(args.config, args.overrides, config_only=args.config_only)
-        if args.command == "data":
-            if args.data_command != "inspect":
-                parser.parse_args(["data", "--help"])
-            from lmpipeline.commands.inspect import inspect_command
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (the training loop installs its own checkpointing handler)."""
+    def _handle(signum, frame):
+        raise KeyboardInterrupt
 
-            return inspect_command(args.config, args.overrides, stage=args.stage, n=args.n, as_jsonl=args.jsonl,
-                                   packed=args.packed)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
+    try:
+        return signal.signal(signal.SIGTERM, _handle)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        return None
+
+
+def _guarded(parser, args, argv) -> int:
+    from lmpipeline.data.types import DataError
+    from lmpipeline.errors import UserError
+
+    try:
+        return _dispatch(parser, args)
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint can be continued with --resume", file=sys.stderr)
+        if args.command == "run" or args.config:
+            print("interrupted: the last complete checkpoint can be continued with --resume", file=sys.stderr)
+        else:
+            print(f"interrupted: `lmpipeline {args.command}` stopped before finishing; its output was not written "
+                  "(only complete outputs are ever put in place), so run the command again", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last resort: a paragraph for the user, the traceback to a log
+        print(_internal_error_message(e, args, argv), file=sys.stderr)
+        return INTERNAL_ERROR_EXIT_CODE
+
+
+def _internal_error_message(error: Exception, args, argv) -> str:
+    command = "lmpipeline " + " ".join(argv if argv is not None else sys.argv[1:])
+    log_path = _write_traceback(error)
+    where = getattr(error, "lmpipeline_stage", None)
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return (f"error: internal error{f' in {where}' if where else ''} while running `{command}`: "
+            f"{type(error).__name__}{f': {first}' if first else ''}. This is a bug in lmpipeline or a case it does not "
+            f"check yet, not something you did wrong; the traceback is in {log_path}. Please report it with that file.")
+
+
+def _write_traceback(error: Exception) -> str:
+    """Append the traceback to the run's run.log (the root logger's file handler) or to a crash log."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.stream.write(f"internal error:\n{text}")
+                handler.flush()
+            finally:
+                handler.release()
+            return handler.baseFilename
+    fd, path = tempfile.mkstemp(prefix="lmpipeline-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def _dispatch(parser, args) -> int:
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
+    if args.command is None:
+        if not args.config:
+            parser.print_help()
+            return 2
+        return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume,
+                    allow_changed_config=args.top_allow_changed)
+    if args.command == "run":
+        if args.pilot:
+            from lmpipeline.evaluate.pilot import run_pilot
+
+            run_pilot(args.config, args.overrides, steps=args.pilot, overwrite=args.overwrite)
+            return 0
+        return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume,
+                    allow_changed_config=args.allow_changed_config)
+    if args.command == "validate":
+        from lmpipeline.commands.validate import validate_command
+
+        return validate_command(args.config, args.overrides, config_only=args.config_only)
+    if args.command == "data":
+        if args.data_command != "inspect":
+            parser.parse_args(["data", "--help"])
+        from lmpipeline.commands.inspect import inspect_command
+
+        return inspect_command(args.config, args.overrides, stage=args.stage, n=args.n, as_jsonl=args.jsonl,
+                               packed=args.packed)
     parser.print_help()
     return 2
 
 
-def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool) -> int:
+def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool, allow_changed_config: bool = False) -> int:
     from lmpipeline.config.loader import load_config
+    from lmpipeline.errors import UserError
     from lmpipeline.pipeline import run_pipeline
 
+    if allow_changed_config and not resume:
+        raise UserError("--allow-changed-config only applies with --resume", key="--allow-changed-config")
     cfg = load_config(config, overrides)
-    record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume)
+    record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume,
+                          allow_changed_config=allow_changed_config)
     out = record["config"].get("output_dir") or record.get("derived", {}).get("output_dir")
     print(f"done: {len(record['stages'])} stage(s); outputs in {out}")
     for name, st in record["stages"].items():
         m = st.get("metrics") or {}
         shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
-        print(f"  {name}: {st.get('final_dir')}" + (f"  ({shown})" if shown else ""))
+        final = st.get("final_dir")
+        shown_dir = Path(out) / final if final and out else final  # run.json names its own folders relatively
+        print(f"  {name}: {shown_dir}" + (f"  ({shown})" if shown else ""))
     return 0
 
 
