@@ -23,6 +23,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from lmpipeline.commands import positive_int
 from lmpipeline.config.errors import ConfigError
 
 # EX_SOFTWARE: an internal error, told apart from a user mistake (2) and a stopped run (75, 130).
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Show examples of a stage as tokens, trained tokens highlighted.")
     _add_config_args(insp)
     insp.add_argument("--stage", help="stage name (default: the first training stage)")
-    insp.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
+    insp.add_argument("-n", type=positive_int, default=3, help="number of examples (default 3)")
     insp.add_argument("--jsonl", action="store_true", help="one JSON object per example: input_ids and labels")
     insp.add_argument("--packed", action="store_true", help="show one packed batch as well")
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (eval_cmd, generate, chat_cmd, merge_cmd, package_cmd, report_cmd, launch_cmd, slurm_cmd, estimate_cmd,
                    bench_cmd):
         module.add_parser(sub)
-    run.add_argument("--pilot", nargs="?", const=100, type=int, metavar="STEPS",
+    run.add_argument("--pilot", nargs="?", const=100, type=positive_int, metavar="STEPS",
                      help="pilot (seed 002): the first training stage for STEPS steps (default 100) on the golden "
                           "set, then eval, sample generations and whether the loss fell")
     return parser

@@ -125,16 +125,36 @@ def remove_paths(paths: list[Path]) -> None:
             p.unlink()
 
 
-def replace_own_folder(folder: Path, kind: str, *, key: str) -> None:
-    """Empty `folder` for a new output of `kind`, only if lmpipeline made it for that kind."""
-    if not folder.exists() or not any(folder.iterdir()):
+def check_replaceable(folder: Path, kind: str, *, key: str, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a non-empty `folder` that lmpipeline did not make for `kind`
+    (or any non-empty folder without `overwrite`), or one with a read-only part."""
+    if not folder.is_dir() or not any(folder.iterdir()):
         return
+    if not overwrite:
+        raise OutputExistsError(f"output folder `{folder}` is not empty", key=key,
+                                hint="choose another folder or pass --overwrite")
     found = marker_kind(folder)
     if found != kind:
         what = f"a {found} folder" if found else "not a folder lmpipeline created"
         raise OutputExistsError(f"{folder} is {what}, so --overwrite will not delete it", key=key,
                                 hint=f"choose another folder for the {kind} output")
-    remove_paths([p for p in folder.iterdir() if p.name != LOCK_FILE])
+    blocked = _read_only_part([folder])
+    if blocked is not None:
+        raise UserError(f"{blocked} is read-only: nothing was deleted", key=key,
+                        hint="make it writable (chmod u+w) if it may go, or choose another output folder")
+
+
+def put_in_place(tmp: Path, folder: Path) -> None:
+    """Move a finished temporary folder to `folder`, replacing what check_replaceable allowed."""
+    if folder.exists():
+        remove_paths([folder])
+    os.replace(tmp, folder)
+
+
+def check_is_file_target(path: Path, *, key: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is an existing folder, and a file is needed here", key=key,
+                        hint="give a file path, e.g. a name inside that folder")
 
 
 def run_owned_entries(out: Path, stage_names) -> list[Path]:

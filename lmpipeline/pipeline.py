@@ -169,17 +169,24 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, inputs: dict
     """Check, lock and (with --overwrite) empty the run folder; returns the lock this process now holds."""
     outputs.check_disjoint(out, inputs or {})
     outputs.check_is_folder(out, key="output_dir")
+    if out.is_dir():
+        _check_run_folder(out, overwrite=overwrite, resume=resume)  # before a lock file goes into someone's folder
     out.mkdir(parents=True, exist_ok=True)
     lock = outputs.RunLock(out).acquire()
     try:
-        _claim_run_folder(out, overwrite=overwrite, resume=resume, stage_names=stage_names)
+        _check_run_folder(out, overwrite=overwrite, resume=resume)  # again: now no other process can change it
+        if overwrite and not resume:
+            outputs.remove_paths(outputs.run_owned_entries(out, stage_names))
+        if outputs.marker_kind(out) != "run":
+            outputs.mark(out, "run")
     except BaseException:
         lock.release()
         raise
     return lock
 
 
-def _claim_run_folder(out: Path, *, overwrite: bool, resume: bool, stage_names) -> None:
+def _check_run_folder(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse a folder lmpipeline may not write into, or may not replace, as asked."""
     entries = [p for p in out.iterdir() if p.name != outputs.LOCK_FILE]
     ours = outputs.marker_kind(out) == "run"
     if entries and not ours and not (out / RUN_FILE).exists():
@@ -197,9 +204,6 @@ def _claim_run_folder(out: Path, *, overwrite: bool, resume: bool, stage_names) 
             raise OutputExistsError(f"`{out}` holds a run.json but no {outputs.MARKER}: it was not made by this "
                                     "lmpipeline, so --overwrite will not delete it", key="output_dir",
                                     hint="delete the folder yourself if it may go, or choose another output_dir")
-        outputs.remove_paths(outputs.run_owned_entries(out, stage_names))
-    if not ours:
-        outputs.mark(out, "run")
 
 
 def in_run(out: Path, path) -> str | None:

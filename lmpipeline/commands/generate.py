@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from lmpipeline import outputs
 from lmpipeline.errors import UserError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -27,6 +28,9 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
     out = Path(output)
     if out.resolve() == Path(prompts).resolve():
         raise UserError("--output would overwrite --prompts; choose another file")
+    outputs.check_is_file_target(out, key="--output")
+    if out.exists():  # a new file beside a model is fine; replacing one of its files is not
+        outputs.check_disjoint(out, {"PATH": path}, output_key="--output")
     rows = gen.read_prompts(prompts, max_samples=max_samples, system_prompt=system, key="--prompts")
     model, tokenizer = gen.load_for_inference(path, base_model, dtype, allow_pickle_weights=allow_pickle_weights)
     template = gen.resolve_template(tokenizer, chat_template=chat_template)
@@ -36,7 +40,7 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
                                  do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p)
     seconds = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = outputs.unique_temp(out)
     with open(tmp, "w", encoding="utf-8") as f:
         for r, g in zip(rows, results):
             rec = dict(r.row)
@@ -52,18 +56,18 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from lmpipeline.commands import add_allow_pickle_weights
+    from lmpipeline.commands import add_allow_pickle_weights, positive_int, probability, temperature
 
     p = subparsers.add_parser("generate", help="batch inference over a prompts file",
                               description="Generate an answer for every prompt of a JSONL file.")
     p.add_argument("path", help="run folder, stage folder, adapter folder, package folder or model folder")
     p.add_argument("--prompts", required=True, metavar="FILE", help='JSONL of {"prompt": str or messages} (or an SFT format)')
     p.add_argument("--output", required=True, metavar="FILE", help="JSONL written with an `output` per row")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per batch (default 8)")
-    p.add_argument("--max-samples", type=int, metavar="N", help="only the first N prompts")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N", help="longest answer (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="prompts per batch (default 8)")
+    p.add_argument("--max-samples", type=positive_int, metavar="N", help="only the first N prompts")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling threshold when sampling")
     p.add_argument("--system", metavar="TEXT", help="system prompt put before prompts that have none")
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model for an adapter, if not the recorded one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")

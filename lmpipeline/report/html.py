@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmpipeline import outputs
 from lmpipeline.errors import UserError
 
 REPORT_FILE = "report.html"
@@ -327,8 +328,9 @@ def render_report(run_dir: str | Path) -> str:
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the report (default <run_dir>/report.html) and return its path."""
     out = Path(output) if output else Path(run_dir) / REPORT_FILE
+    outputs.check_is_file_target(out, key="--output")
     text = render_report(run_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = outputs.unique_temp(out)
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
     return out

@@ -165,3 +165,28 @@ class Injecting:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------- inputs unchanged
+
+
+def tree_hashes(*paths: Path) -> dict[str, str]:
+    """{path: sha256} of every file under `paths` (files or folders): compare before and after a command
+    to show that it left its inputs byte-identical."""
+    import hashlib
+
+    out = {}
+    for top in map(Path, paths):
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def train_tiny_run(folder: Path, model: Path, data: Path, **sft) -> Path:
+    """A finished 2-step LoRA SFT run in folder/run (checkpoint at each step); returns its config path."""
+    from lmpipeline.cli import main
+
+    cfg = write_config(folder, model, data, **{"max_steps": 2, "save_steps": 1, **sft})
+    assert main(["run", str(cfg)]) == 0
+    return cfg
