@@ -60,6 +60,10 @@ def inspect_command(config: str, overrides: list[str], *, stage: str | None, n: 
     from lmpipeline.data.build import build_sft_data
 
     data = build_sft_data(stage_cfg, tokenizer)
+    if not as_jsonl:
+        print(f"trained: {'assistant turns' if stage_cfg.assistant_only_loss else 'every token'} "
+              f"(assistant_only_loss: {str(stage_cfg.assistant_only_loss).lower()}); a turn's loss_weight, where the data "
+              "has one, wins: 0 = shown, not trained; 1 = trained")
     for ex in data.train[:n]:
         if as_jsonl:
             print(json.dumps({"source": str(ex.source), "input_ids": ex.input_ids, "labels": ex.labels}))

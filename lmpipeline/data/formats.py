@@ -50,7 +50,8 @@ typed parts ({"type": "text", "text"|"value": ...}, LLaMA-Factory v1 uses "value
     JSON has a name; when the turn has no visible text its content is the calls' JSON text
     (one call a line), so templates without tool support still see the call;
   - image/audio/video parts raise DataError (this pipeline is text-only).
-Per-turn "loss_weight" (or "weight") numbers, "name" and "tool_call_id" are kept on the message.
+Per-turn "loss_weight" (or "weight": 0 = not trained, 1 = trained, any other value refused), "name" and
+"tool_call_id" are kept on the message.
 `tools` (a JSON string or a list) is parsed into a list of dicts and passed through unchanged.
 
 Conversation rules (DataError when broken), chosen so that every chat template can render the
@@ -568,8 +569,10 @@ def _finish_message(role, content, reasoning, calls, call_texts, turn, where, so
             message[key] = turn[key]
     _, weight = _first(turn, "loss_weight", "weight")
     if weight is not None:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or math.isnan(weight):
-            raise DataError(f"{where} loss_weight must be a number, found {_type_name(weight)}", source)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            shown = repr(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else _type_name(weight)
+            raise DataError(f"{where} loss_weight must be 0 (not trained) or 1 (trained), found {shown}; token labels "
+                            "cannot carry other weights", source)
         message["loss_weight"] = float(weight)
     return message
 
