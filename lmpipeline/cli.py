@@ -2,7 +2,7 @@
 
 Anything else that escapes a command (a bug, or a case no check foresaw) ends as one paragraph naming
 the command, its input and the stage, with exit code INTERNAL_ERROR_EXIT_CODE; the traceback goes to
-the run's run.log (or, outside a run, a crash log file the message names), never to the console.
+the failing run's run.log (or, outside a stage, a crash log file the message names), never to the console.
 SIGTERM outside a training step is handled like Ctrl-C, so a stopped stage is recorded as interrupted.
 
     lmpipeline run CONFIG [--set KEY=VALUE ...] [--overwrite | --resume]
@@ -154,17 +154,16 @@ def _internal_error_message(error: Exception, args, argv) -> str:
 
 
 def _write_traceback(error: Exception) -> str:
-    """Append the traceback to the run's run.log (the root logger's file handler) or to a crash log."""
+    """Append the traceback to the run's run.log (the failing stage says which), else to a crash log."""
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                handler.stream.write(f"internal error:\n{text}")
-                handler.flush()
-            finally:
-                handler.release()
-            return handler.baseFilename
+    run_log = getattr(error, "lmpipeline_log", None)
+    if run_log is not None:
+        try:
+            with open(run_log, "a", encoding="utf-8") as f:
+                f.write(f"internal error:\n{text}")
+            return str(run_log)
+        except OSError:
+            pass
     fd, path = tempfile.mkstemp(prefix="lmpipeline-crash-", suffix=".log")
     with os.fdopen(fd, "w") as f:
         f.write(text)

@@ -399,7 +399,9 @@ def _run_one(name: str, cfg: PipelineConfig, out: Path, record: RunRecord, state
         raise
     except BaseException as e:
         entry.update({"status": "failed", "failed": _now(), "error": str(e) or type(e).__name__})
-        e.lmpipeline_stage = f"stage `{name}` ({kind}) of the run in {out}"  # for the CLI's last-resort message
+        # For the CLI's last-resort message (cli._internal_error_message): where, and which log gets the traceback.
+        e.lmpipeline_stage = f"stage `{name}` ({kind}) of the run in {out}"
+        e.lmpipeline_log = out / "run.log" if is_main else out / "logs" / f"rank-{state.process_index}.log"
         _record_stop(record, out, is_main)
         raise
     entry.update({

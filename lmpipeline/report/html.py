@@ -306,6 +306,10 @@ def render_report(run_dir: str | Path) -> str:
                      f"<code>{e(str(fp)[:16])}</code>", e(shown)])
     parts += ["<h2>Stages</h2>", _table(["stage", "kind", "status", "steps", "model", "data fingerprint", "final metrics"],
                                         rows, numeric={3})]
+    # A stage that did not finish says why, in the words run.json recorded (pipeline._run_one).
+    stopped = [(name, st) for name, st in stages.items() if st.get("status") in ("failed", "interrupted", "preempted")]
+    parts += [f'<p class="stopped"><b>{e(name)} {e(str(st["status"]))}</b>: {e(str(st.get("error") or "no message recorded"))}</p>'
+              for name, st in stopped]
 
     curves = [_stage_section(run_dir, name, st) for name, st in stages.items() if st.get("kind") in ("sft", "dpo")]
     curves = [c for c in curves if c]
