@@ -208,7 +208,8 @@ def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool, al
     from lmpipeline.pipeline import run_pipeline
 
     if allow_changed_config and not resume:
-        raise UserError("--allow-changed-config only applies with --resume", key="--allow-changed-config")
+        raise UserError("applies only with --resume (it lets a resumed run go on with a changed config or data)",
+                        key="--allow-changed-config")
     cfg = load_config(config, overrides)
     record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume,
                           allow_changed_config=allow_changed_config)

@@ -65,7 +65,8 @@ def _resolved(path) -> Path | None:
     return p.resolve() if p.exists() else None
 
 
-def check_disjoint(output: Path, inputs: dict[str, object], *, output_key: str = "output_dir") -> None:
+def check_disjoint(output: Path, inputs: dict[str, object], *, output_key: str = "output_dir",
+                   what: str = "output folder") -> None:
     """Refuse an output path that is, holds or lies inside one of `inputs` ({label: path}).
 
     Inputs that are not local paths (Hub ids) cannot overlap and are skipped."""
@@ -84,9 +85,9 @@ def check_disjoint(output: Path, inputs: dict[str, object], *, output_key: str =
             how = "is inside"
         else:
             continue
-        raise UserError(f"the output folder {out} {how} the input {label} ({inp}); lmpipeline never writes "
+        raise UserError(f"the {what} {out} {how} the input {label} ({inp}); lmpipeline never writes "
                         "into or deletes an input", key=output_key,
-                        hint="choose an output folder apart from every model, tokenizer, data and adapter path")
+                        hint=f"choose an {what} apart from every model, tokenizer, data and adapter path")
 
 
 def check_is_folder(path: Path, *, key: str) -> None:

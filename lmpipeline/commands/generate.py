@@ -30,7 +30,7 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
         raise UserError("--output would overwrite --prompts; choose another file")
     outputs.check_is_file_target(out, key="--output")
     if out.exists():  # a new file beside a model is fine; replacing one of its files is not
-        outputs.check_disjoint(out, {"PATH": path}, output_key="--output")
+        outputs.check_disjoint(out, {"PATH": path}, output_key="--output", what="output file")
     rows = gen.read_prompts(prompts, max_samples=max_samples, system_prompt=system, key="--prompts")
     model, tokenizer = gen.load_for_inference(path, base_model, dtype, allow_pickle_weights=allow_pickle_weights)
     template = gen.resolve_template(tokenizer, chat_template=chat_template)

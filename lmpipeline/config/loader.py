@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from lmpipeline.config.errors import ConfigError, ConfigIssue, did_you_mean
-from lmpipeline.config.ranges import out_of_range
+from lmpipeline.config.ranges import unusable_values
 from lmpipeline.config.schema import STAGE_ALIASES, STAGE_CONFIG_CLASSES, PipelineConfig
 
 Path_ = tuple  # a key path such as ("stage_configs", "sft", "lora_r")
@@ -323,7 +323,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             continue
         try:
             checked = cls(stage_name=name, **params)
-            for key, msg in out_of_range(checked):
+            for key, msg in unusable_values(checked):
                 p = ("stage_configs", name, key)
                 issues.append(ConfigIssue(".".join(p), msg, *where(p)))
         except ValidationError as err:

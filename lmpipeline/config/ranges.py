@@ -1,9 +1,10 @@
-"""Numeric settings the schema's types accept but a run cannot use, checked in the same validation pass.
+"""Settings the schema's types accept but a run cannot use, checked in the same validation pass.
 
 The schema's Field bounds say what a value may be at all (learning_rate > 0, 0 <= warmup_ratio < 1) and
 refuse NaN and infinity for every float; this table adds the few limits that come from how the value
 is used later (a seed numpy must accept, a step count that is either "use epochs" or a real count),
 so that nothing fails minutes into a run with a traceback. Each rule says why, in the message.
+Path keys may not be empty strings: an empty path reads the current folder, which is never meant.
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ RULES: dict[str, Rule] = {
 }
 
 
-def out_of_range(config) -> list[tuple[str, str]]:
+PATH_KEYS = ("dataset_name_or_path", "eval_dataset_name_or_path", "chat_template_path", "golden_set", "eval_dataset",
+             "base_model")
+
+
+def unusable_values(config) -> list[tuple[str, str]]:
     """[(key, message)] for every value of a validated stage config that breaks a rule above."""
-    found = []
+    found = [(key, "is an empty path: give a file or folder, or leave the key out")
+             for key in PATH_KEYS if isinstance(getattr(config, key, None), str) and not getattr(config, key).strip()]
     for key, rule in RULES.items():
         value = getattr(config, key, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not rule.ok(value):

@@ -460,7 +460,10 @@ def _parse_message(turn: Any, number: int, field: str, source: Source | None, op
     where = f"{field} turn {number}"
     if not isinstance(turn, dict):
         raise DataError(f"{where} must be an object with role and content, found {_type_name(turn)}", source, key=field)
-    _, raw_role = _first(turn, "role", "from")
+    role_key, raw_role = _first(turn, "role", "from")
+    if raw_role is None and (role_key in turn or "role" in turn or "from" in turn):
+        raise DataError(f"{where} '{role_key or 'role'}' must be a string (user, assistant, system, tool), found null",
+                        source, key=field)
     if raw_role is None:
         hint = _typo_in_row("role", turn) or _typo_in_row("from", turn)
         raise DataError(f"{where} has no 'role' (or 'from').{hint} Keys: {', '.join(sorted(turn))}", source, key=field)

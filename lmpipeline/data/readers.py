@@ -152,6 +152,15 @@ def _check_suffix(path: Path) -> None:
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[Row]:
+    rows = 0
+    for row in _read_file_rows(path, text_field):
+        rows += 1
+        yield row
+    if rows == 0:  # a CSV header alone, an empty JSON list: said plainly, by name
+        raise DataError(f"{path} holds no rows")
+
+
+def _read_file_rows(path: Path, text_field: str) -> Iterator[Row]:
     suffix = _data_suffix(path)
     name = str(path)
     if suffix in JSONL_SUFFIXES:

@@ -329,10 +329,19 @@ def render_report(run_dir: str | Path) -> str:
     return "\n".join(parts)
 
 
+def _is_report(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"<!DOCTYPE html>") and b"<title>lmpipeline report" in head
+
+
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the report (default <run_dir>/report.html) and return its path."""
     out = Path(output) if output else Path(run_dir) / REPORT_FILE
     outputs.check_is_file_target(out, key="--output")
+    if out.is_file() and not _is_report(out):
+        raise UserError(f"{out} exists and is not a report lmpipeline wrote, so it will not be replaced", key="--output",
+                        hint="choose a new file name for the report")
     text = render_report(run_dir)
     tmp = outputs.unique_temp(out)
     tmp.write_text(text, encoding="utf-8")
