@@ -190,3 +190,28 @@ def train_tiny_run(folder: Path, model: Path, data: Path, **sft) -> Path:
     cfg = write_config(folder, model, data, **{"max_steps": 2, "save_steps": 1, **sft})
     assert main(["run", str(cfg)]) == 0
     return cfg
+
+
+def config_for_copy(trained: Path, run: Path, folder: Path, **sft) -> Path:
+    """The config of the run `trained`, pointed at its copy `run` (written to folder/config.yaml)."""
+    raw = yaml.safe_load((trained.parent / "config.yaml").read_text())
+    raw["output_dir"] = str(run)
+    raw["stage_configs"]["sft"].update(sft)
+    cfg = folder / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    return cfg
+
+
+def stopped_copy(trained: Path, folder: Path, **sft) -> tuple[Path, Path]:
+    """A copy of the run `trained` in folder/run, recorded as stopped mid-stage (as a kill leaves it),
+    and its config; `sft` changes the config and the recorded config alike (the run was made with it)."""
+    import shutil
+
+    run = folder / "run"
+    shutil.copytree(trained, run)
+    cfg = config_for_copy(trained, run, folder, **sft)
+    record = json.loads((run / "run.json").read_text())
+    record["stages"]["sft"]["status"] = "running"
+    record["config"]["stage_configs"]["sft"].update(sft)
+    (run / "run.json").write_text(json.dumps(record))
+    return run, cfg

@@ -7,14 +7,13 @@ names the file, and the marker must never appear.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
 from lmpipeline.train import checkpoint as ckpt_io
-from tests.trust._util import run_cli, write_config
+from tests.trust._util import run_cli, stopped_copy
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +27,10 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, quickstart_data):
-    """A 2-step run with a checkpoint after each step, recorded as stopped mid-stage (as a kill leaves it)."""
-    from lmpipeline.cli import main
-
+def trained(trained_run, tmp_path_factory):
+    """A copy of the 2-step run, recorded as stopped mid-stage, so --resume loads its last checkpoint."""
     folder = tmp_path_factory.mktemp("ckpt_run")
-    cfg = write_config(folder, tiny_model, quickstart_data / "sft_train.jsonl", max_steps=2, save_steps=1)
-    assert main(["run", str(cfg)]) == 0
-    record = json.loads((folder / "run" / "run.json").read_text())
-    record["stages"]["sft"]["status"] = "running"
-    (folder / "run" / "run.json").write_text(json.dumps(record))
+    _, cfg = stopped_copy(trained_run, folder)
     return folder, cfg
 
 

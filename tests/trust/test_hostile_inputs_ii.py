@@ -22,11 +22,9 @@ pytestmark = pytest.mark.integration
 GOOD_ROW = {"messages": [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, quickstart_data):
-    folder = tmp_path_factory.mktemp("trained")
-    train_tiny_run(folder, tiny_model, quickstart_data / "sft_train.jsonl")
-    return folder / "run"
+@pytest.fixture()
+def trained(trained_run):
+    return trained_run
 
 
 class Case:

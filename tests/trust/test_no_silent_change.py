@@ -17,7 +17,7 @@ import shutil
 import pytest
 import yaml
 
-from tests.trust._util import run_cli, train_tiny_run, tree_hashes, write_config
+from tests.trust._util import run_cli, stopped_copy, tree_hashes, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -108,15 +108,11 @@ def test_a_non_finite_learning_rate_never_trains(tmp_path, tiny_model, quickstar
 
 
 @pytest.fixture()
-def stopped_run(tmp_path, tiny_model, quickstart_data):
-    """A 2-step run recorded as stopped in its stage (as a kill leaves it), with its own copy of the data."""
+def stopped_run(trained_run, tmp_path, quickstart_data):
+    """A copy of the 2-step run, stopped in its stage, made with its own copy of the data."""
     data = tmp_path / "train.jsonl"
     shutil.copy(quickstart_data / "sft_train.jsonl", data)
-    cfg = train_tiny_run(tmp_path, tiny_model, data)
-    record_path = tmp_path / "run" / "run.json"
-    record = json.loads(record_path.read_text())
-    record["stages"]["sft"]["status"] = "running"
-    record_path.write_text(json.dumps(record))
+    _, cfg = stopped_copy(trained_run, tmp_path, dataset_name_or_path=str(data))
     return cfg, data
 
 
@@ -150,9 +146,9 @@ def test_resume_with_changed_data_is_refused_then_allowed_and_recorded(stopped_r
 # ---------------------------------------------------------------------------------------- copied runs
 
 
-def test_a_copied_run_uses_its_own_adapter(tmp_path, tiny_model, quickstart_data, capsys):
-    train_tiny_run(tmp_path / "original", tiny_model, quickstart_data / "sft_train.jsonl")
-    original = tmp_path / "original" / "run"
+def test_a_copied_run_uses_its_own_adapter(trained_run, tmp_path, capsys):
+    original = tmp_path / "original"
+    shutil.copytree(trained_run, original)
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
     # The original's adapter is broken after the copy: reading it would fail or give other weights.

@@ -19,27 +19,14 @@ import time
 import pytest
 import yaml
 
-from tests.trust._util import run_cli, train_tiny_run, tree_hashes, write_config
+from tests.trust._util import config_for_copy, run_cli, tree_hashes, write_config
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, quickstart_data):
-    """A finished 2-step run (the template each test copies before changing anything)."""
-    folder = tmp_path_factory.mktemp("trained")
-    train_tiny_run(folder, tiny_model, quickstart_data / "sft_train.jsonl")
-    return folder / "run"
-
-
-def _config_for(trained, run, tmp_path, **sft):
-    """The trained run's config, pointed at the copy `run`."""
-    raw = yaml.safe_load((trained.parent / "config.yaml").read_text())
-    raw["output_dir"] = str(run)
-    raw["stage_configs"]["sft"].update(sft)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
-    return cfg
+@pytest.fixture()
+def trained(trained_run):
+    return trained_run
 
 
 def _copy_model(tiny_model, tmp_path):
@@ -81,7 +68,7 @@ def test_dataset_inside_output_dir_is_refused_on_overwrite(tmp_path, tiny_model,
 def test_overwrite_with_a_read_only_part_deletes_nothing(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    cfg = _config_for(trained, run, tmp_path)
+    cfg = config_for_copy(trained, run, tmp_path)
     locked = run / "sft" / "checkpoints"
     before = tree_hashes(run)
     locked.chmod(0o555)
@@ -99,7 +86,7 @@ def test_overwrite_keeps_files_lmpipeline_did_not_write(trained, tmp_path, capsy
     shutil.copytree(trained, run)
     notes = run / "my_notes.txt"
     notes.write_text("the user's own file")
-    cfg = _config_for(trained, run, tmp_path, max_steps=1)
+    cfg = config_for_copy(trained, run, tmp_path, max_steps=1)
     code, out = run_cli(["run", str(cfg), "--overwrite"], capsys)
     assert code == 0, out[-2000:]
     assert notes.read_text() == "the user's own file"

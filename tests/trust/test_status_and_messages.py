@@ -21,11 +21,9 @@ from tests.trust._util import run_cli, train_tiny_run, tree_hashes, write_config
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, quickstart_data):
-    folder = tmp_path_factory.mktemp("trained")
-    train_tiny_run(folder, tiny_model, quickstart_data / "sft_train.jsonl")
-    return folder / "run"
+@pytest.fixture()
+def trained(trained_run):
+    return trained_run
 
 
 def _stage(run_dir, name="sft"):
