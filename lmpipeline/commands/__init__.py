@@ -28,30 +28,17 @@ def _invalid(message: str):
     return argparse.ArgumentTypeError(message)
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise _invalid(f"must be 1 or more, got {value}")
-    return value
+def _checked(kind, ok, rule: str):
+    """An argparse type: a number of `kind` for which ok(value) holds, else `rule` in the message."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if not ok(value):
+            raise _invalid(f"{rule}, got {value:g}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise _invalid(f"must be 0 or more, got {value}")
-    return value
-
-
-def temperature(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise _invalid(f"must be 0 (greedy) or more, got {value:g}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A nucleus threshold: in (0, 1]."""
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise _invalid(f"must be in (0, 1], got {value:g}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "must be 1 or more")
+temperature = _checked(float, lambda v: v >= 0, "must be 0 (greedy) or more")
+probability = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]")  # a nucleus threshold

@@ -128,42 +128,33 @@ def output_dir_holds_the_config(c):
     return ["run", str(cfg), "--overwrite"], [f"contains the input the config file ({cfg.resolve()})"]
 
 
-def csv_with_a_header_only(c):
-    data = c.data_file("rows.csv", "instruction,output\n")
-    c.config(data=data)
-    return _run(c), [f"stage_configs.sft.dataset_name_or_path: {data} holds no rows"]
+# Data files: (name, file name, contents, extra stage keys, what the message holds; {data} is the file).
+_NULL_ROLE = {"messages": [{"role": None, "content": "hi"}, {"role": "assistant", "content": "x"}]}
+_BOOL_WEIGHT = {"messages": [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "x", "loss_weight": True}]}
+DATA_CASES = [
+    ("csv_with_a_header_only", "rows.csv", "instruction,output\n", {},
+     "stage_configs.sft.dataset_name_or_path: {data} holds no rows"),
+    ("json_empty_list", "rows.json", "[]\n", {}, "{data} holds no rows"),
+    ("text_field_not_a_string", "text.jsonl", json.dumps({"text": 5}) + "\n", {"dataset_format": "text"},
+     "{data}:1: 'text' must be a string, found a number (5)"),
+    ("role_null", "roles.jsonl", json.dumps(GOOD_ROW) + "\n" + json.dumps(_NULL_ROLE) + "\n", {},
+     "{data}:2: messages turn 1 'role' must be a string (user, assistant, system, tool), found null"),
+    ("alpaca_output_a_list", "alpaca.jsonl", json.dumps({"instruction": "a", "output": ["x"]}) + "\n", {},
+     "{data}:1: 'output' must be a string, found a list"),
+    ("loss_weight_true", "weights.jsonl", json.dumps(_BOOL_WEIGHT) + "\n", {},
+     "{data}:1: messages turn 2 loss_weight must be 0 (not trained) or 1 (trained), found a boolean"),
+]
 
 
-def json_empty_list(c):
-    data = c.data_file("rows.json", "[]\n")
-    c.config(data=data)
-    return _run(c), [f"{data} holds no rows"]
+def _data_case(name, file_name, text, sft, expect):
+    def build(c):
+        data = c.data_file(file_name, text)
+        c.config(data=data, **sft)
+        return _run(c), [expect.format(data=data)]
 
-
-def text_field_not_a_string(c):
-    data = c.data_file("text.jsonl", json.dumps({"text": 5}) + "\n")
-    c.config(data=data, dataset_format="text")
-    return _run(c), [f"{data}:1: 'text' must be a string, found a number (5)"]
-
-
-def role_null(c):
-    row = {"messages": [{"role": None, "content": "hi"}, {"role": "assistant", "content": "x"}]}
-    data = c.data_file("roles.jsonl", json.dumps(GOOD_ROW) + "\n" + json.dumps(row) + "\n")
-    c.config(data=data)
-    return _run(c), [f"{data}:2: messages turn 1 'role' must be a string (user, assistant, system, tool), found null"]
-
-
-def alpaca_output_a_list(c):
-    data = c.data_file("alpaca.jsonl", json.dumps({"instruction": "a", "output": ["x"]}) + "\n")
-    c.config(data=data)
-    return _run(c), [f"{data}:1: 'output' must be a string, found a list"]
-
-
-def loss_weight_true(c):
-    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "loss_weight": True}]}
-    data = c.data_file("weights.jsonl", json.dumps(row) + "\n")
-    c.config(data=data)
-    return _run(c), [f"{data}:1: messages turn 2 loss_weight must be 0 (not trained) or 1 (trained), found a boolean"]
+    build.__name__ = name
+    return build
 
 
 def truncated_weights(c):
@@ -228,8 +219,7 @@ def set_a_non_finite_beta(c):
 
 CASES = [empty_dataset_path, stages_not_a_list, batch_size_not_a_number, broken_chat_template_file,
          output_dir_inside_tokenizer_folder, eval_data_inside_output_dir, output_dir_holds_the_config,
-         csv_with_a_header_only, json_empty_list, text_field_not_a_string, role_null, alpaca_output_a_list,
-         loss_weight_true, truncated_weights, weights_do_not_match_config, model_path_is_a_file,
+         *(_data_case(*case) for case in DATA_CASES), truncated_weights, weights_do_not_match_config, model_path_is_a_file,
          merge_onto_its_own_adapter, generate_over_a_model_file, report_over_run_json,
          allow_changed_config_without_resume, resume_into_a_users_folder, set_a_non_finite_beta]
 
