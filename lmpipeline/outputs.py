@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -28,10 +29,12 @@ from pathlib import Path
 
 from lmpipeline.errors import OutputExistsError, UserError
 
+log = logging.getLogger(__name__)
+
 MARKER = ".lmpipeline-output"
 LOCK_FILE = ".lmpipeline.lock"
 # What a run writes at its top level besides its stage folders (pipeline.py, report/html.py).
-RUN_RECORD_NAMES = ("run.json", "run.log", "report.html", "logs")
+RUN_RECORD_NAMES = ("run.json", "run.log", "report.html", "logs", "evaluation")  # evaluation: `lmpipeline eval RUN`
 
 
 # ------------------------------------------------------------------------------------ markers
@@ -183,12 +186,14 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise UserError(f"{self.path.parent} is in use by a running lmpipeline ({holder}); a second process "
                             "writing into it would corrupt both runs", key="output_dir",
                             hint="wait for that run to finish or stop it, or choose another output_dir") from None
+        except OSError as e:  # a filesystem without flock (some network mounts): run, but say it is unguarded
+            log.warning("cannot lock %s (%s): a second process could write into this run unnoticed", self.path, e)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n".encode(), 0)
         self._fd = fd

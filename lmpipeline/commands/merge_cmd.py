@@ -23,7 +23,7 @@ def merge_command(path: str, output: str, *, dtype: str = "auto", base_model: st
         spec = gen.resolve_model(path, base_model)
     result = merge_model(spec, output, dtype=dtype, max_shard_size=max_shard_size, quantized_base=quantized_base,
                          training_quant=quant, device=device, overwrite=overwrite,
-                         allow_pickle_weights=allow_pickle_weights, inputs={"PATH": path})
+                         allow_pickle_weights=allow_pickle_weights)
     print(f"merged {' -> '.join(spec.stage_names)} into {spec.base} ({result.dtype}): {result.output_dir}")
     for w in result.warnings:
         print(f"warning: {w}")

@@ -121,11 +121,11 @@ def _file_sha256(path: Path) -> str | None:
 def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
                 safe_merge: bool = True, quantized_base: str = "original", training_quant: dict | None = None,
                 device: str = "cpu", trust_remote_code: bool = False, overwrite: bool = False,
-                allow_pickle_weights: bool = False, inputs: dict | None = None) -> MergeResult:
+                allow_pickle_weights: bool = False) -> MergeResult:
     """Merge `spec.adapters` into `spec.base` and save the result in `output_dir` (see module docstring).
 
-    `output_dir` may not overlap the base, the tokenizer, an adapter or `inputs` ({label: path}, e.g. the
-    run folder named on the command line), and replaces only an earlier merge output (lmpipeline/outputs.py).
+    `output_dir` may not overlap the base, the tokenizer or an adapter (a folder beside them in a run folder
+    is fine), and replaces only an earlier merge output (lmpipeline/outputs.py).
 
     `training_quant` is the 4-bit setting adapters were trained with (run.json stage config keys
     bnb_4bit_*), used only with quantized_base="dequantized".
@@ -138,8 +138,7 @@ def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "au
         raise UserError(f"nothing to merge: `{spec.base}` is a full model, not a LoRA adapter",
                         hint="merge applies to runs trained with use_lora: true")
     outputs.check_is_folder(out, key="--output")
-    inputs = {**{f"adapter {a}": a for a in spec.adapters}, "base model": spec.base, "tokenizer": spec.tokenizer,
-              **(inputs or {})}
+    inputs = {**{f"adapter {a}": a for a in spec.adapters}, "base model": spec.base, "tokenizer": spec.tokenizer}
     outputs.check_disjoint(out, inputs, output_key="--output")
     outputs.check_replaceable(out, "merge", key="--output", overwrite=overwrite)
     warnings: list[str] = []

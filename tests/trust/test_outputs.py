@@ -127,6 +127,10 @@ def test_merge_into_its_own_run_folder_is_refused(trained, tmp_path, capsys):
     assert code == 2, out
     assert f"the output folder {run.resolve()} contains the input adapter" in out, out
     assert tree_hashes(run) == before
+    # A new folder beside the stage folders overlaps no input: allowed, and the run is left as it was.
+    code, out = run_cli(["merge", str(run), "--output", str(run / "merged")], capsys)
+    assert code == 0, out[-2000:]
+    assert {k: v for k, v in tree_hashes(run).items() if "/merged/" not in k} == before
 
 
 def test_merge_overwrite_replaces_only_an_earlier_merge(trained, tmp_path, capsys):
