@@ -164,6 +164,13 @@ def data_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
+def check_output_paths(cfg: PipelineConfig, config_path: str | None) -> None:
+    """The output folder overlaps no input and is not a file: what `validate` can say before a run."""
+    out, _ = resolve_output_dir(cfg, config_path)
+    outputs.check_disjoint(out, config_inputs(cfg, config_path))
+    outputs.check_is_folder(out, key="output_dir")
+
+
 def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, inputs: dict | None = None,
                        stage_names=()) -> outputs.RunLock:
     """Check, lock and (with --overwrite) empty the run folder; returns the lock this process now holds."""

@@ -11,7 +11,7 @@ from lmpipeline.config.schema import STAGE_ALIASES, TRAINING_KINDS
 
 
 def validate_command(config: str, overrides: list[str], *, config_only: bool = False) -> int:
-    from lmpipeline.pipeline import check_references
+    from lmpipeline.pipeline import check_output_paths, check_references
 
     cfg = load_config(config, overrides)
     print(f"config OK: {config} — stages {', '.join(cfg.stages)}")
@@ -20,6 +20,7 @@ def validate_command(config: str, overrides: list[str], *, config_only: bool = F
     if config_only:
         return 0
     check_references(cfg)
+    check_output_paths(cfg, config)
 
     from lmpipeline.data import validate
     from lmpipeline.data.build import load_examples, needs_template, chat_template_for, tokenize_sft

@@ -43,8 +43,9 @@ def test_output_dir_equal_to_model_folder_is_refused(tmp_path, tiny_model, quick
     raw["output_dir"] = str(model)
     cfg.write_text(yaml.safe_dump(raw))
     before = tree_hashes(model, data)
-    for flags in ([], ["--resume"], ["--overwrite"]):
-        code, out = run_cli(["run", str(cfg), *flags], capsys)
+    for argv in (["run", str(cfg)], ["run", str(cfg), "--resume"], ["run", str(cfg), "--overwrite"],
+                 ["validate", str(cfg)]):
+        code, out = run_cli(argv, capsys)
         assert code == 2, out
         assert f"the output folder {model.resolve()} is the input model_name_or_path" in out, out[-1500:]
         assert "--resume to continue" not in out
