@@ -180,8 +180,8 @@ def assistant_char_spans(
             if k < 0:
                 raise DataError(
                     f"assistant message {i}: its rendering {_clip(region)!r} does not contain the end-of-turn "
-                    f"token {end_of_turn!r}; the chat template does not close turns with it (pass the right "
-                    "end_of_turn, or use a template that writes it)"
+                    f"token {end_of_turn!r}; the chat template does not close turns with it (set chat_template "
+                    "to a template that ends each turn with one token, e.g. a built-in name)"
                 )
             if region.find(end_of_turn, k + len(end_of_turn)) >= 0:
                 raise DataError(
@@ -193,7 +193,8 @@ def assistant_char_spans(
             if i != last and not full.startswith(upto):
                 raise DataError(
                     f"cannot tell where assistant message {i} ends: the chat template's end-of-turn token is "
-                    "unknown and the template writes text after the last message. Pass end_of_turn"
+                    "unknown and the template writes text after the last message. Set chat_template to a template that "
+                    "ends each turn with a known token (e.g. a built-in name)"
                 )
             end = start + len(region.rstrip())
         if end > start:
@@ -542,7 +543,8 @@ def check_trained_tokens(
     if eot is None:
         out.append(
             "cannot tell this chat template's end-of-turn token; each assistant turn is trained up to the "
-            "end of its rendered text (trailing whitespace excluded). Pass end_of_turn if that is wrong"
+            "end of its rendered text (trailing whitespace excluded). If that is wrong, set chat_template to "
+            "a template that ends each turn with a known token (e.g. a built-in name)"
         )
         return out
     eot_ids = _encode(tokenizer, eot)
