@@ -1,5 +1,10 @@
 """Command line: parse, call, print. Every user mistake ends as one readable message and exit code 2.
 
+Anything else that escapes a command (a bug, or a case no check foresaw) ends as one paragraph naming
+the command, its input and the stage, with exit code INTERNAL_ERROR_EXIT_CODE; the traceback goes to
+the failing run's run.log (or, outside a stage, a crash log file the message names), never to the console.
+SIGTERM outside a training step is handled like Ctrl-C, so a stopped stage is recorded as interrupted.
+
     lmpipeline run CONFIG [--set KEY=VALUE ...] [--overwrite | --resume]
     lmpipeline validate CONFIG [--set ...] [--config-only]
     lmpipeline data inspect CONFIG [--stage S] [-n N] [--jsonl]
@@ -12,11 +17,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 from lmpipeline import __version__
+from lmpipeline.commands import positive_int
 from lmpipeline.config.errors import ConfigError
+from lmpipeline.errors import UserError
 from lmpipeline.numbers import fmt_number
+
+# EX_SOFTWARE: an internal error, told apart from a user mistake (2) and a stopped run (75, 130).
+INTERNAL_ERROR_EXIT_CODE = 70
 
 
 def is_main_process() -> bool:
@@ -56,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value (with --config)")
     parser.add_argument("--overwrite", dest="top_overwrite", action="store_true", help="(with --config) replace an existing run")
     parser.add_argument("--resume", dest="top_resume", action="store_true", help="(with --config) continue an existing run")
+    parser.add_argument("--allow-changed-config", dest="top_allow_changed", action="store_true",
+                        help="(with --config --resume) continue with a changed config or data")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -67,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", type=_stage_list, metavar="NAME[,NAME...]",
                      help="run only these of the config's stages, in the config's order (e.g. --stages sft or "
                           "--stages sft,dpo); with --resume, a later stage starts from the run's earlier ones")
+    run.add_argument("--allow-changed-config", action="store_true",
+                     help="with --resume: continue even though the config or the data files changed (recorded in run.json)")
 
     val = sub.add_parser("validate", help="check a config and its data without training",
                          description="Check the config, then the model reference and every data row; no training.")
@@ -79,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Show examples of a stage as tokens, trained tokens highlighted.")
     _add_config_args(insp)
     insp.add_argument("--stage", help="stage name (default: the first training stage)")
-    insp.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
+    insp.add_argument("-n", type=positive_int, default=3, help="number of examples (default 3)")
     insp.add_argument("--jsonl", action="store_true", help="one JSON object per example: input_ids and labels")
     insp.add_argument("--packed", action="store_true", help="show one packed batch as well")
 
@@ -89,60 +107,116 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (eval_cmd, generate, chat_cmd, merge_cmd, package_cmd, report_cmd, launch_cmd, slurm_cmd, estimate_cmd,
                    bench_cmd):
         module.add_parser(sub)
-    run.add_argument("--pilot", nargs="?", const=100, type=int, metavar="STEPS",
+    run.add_argument("--pilot", nargs="?", const=100, type=positive_int, metavar="STEPS",
                      help="pilot: the first training stage for STEPS steps (default 100) on the golden "
                           "set, then eval, sample generations and whether the loss fell")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmpipeline.data.types import DataError
-    from lmpipeline.errors import UserError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    previous = _sigterm_as_interrupt()
     try:
-        if getattr(args, "func", None) is not None:
-            return args.func(args)
-        if args.command is None:
-            if not args.config:
-                parser.print_help()
-                return 2
-            return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume)
-        if args.command == "run":
-            if args.pilot:
-                if args.stages is not None:
-                    raise UserError("--stages does not combine with --pilot (a pilot runs the first training stage)",
-                                    key="--stages")
-                from lmpipeline.evaluate.pilot import run_pilot
+        return _guarded(parser, args, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
-                run_pilot(args.config, args.overrides, steps=args.pilot, overwrite=args.overwrite)
-                return 0
-            return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume, stages=args.stages)
-        if args.command == "validate":
-            from lmpipeline.commands.validate import validate_command
 
-            return validate_command(args.config, args.overrides, config_only=args.config_only)
-        if args.command == "data":
-            if args.data_command != "inspect":
-                parser.parse_args(["data", "--help"])
-            from lmpipeline.commands.inspect import inspect_command
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (the training loop installs its own checkpointing handler)."""
+    def _handle(signum, frame):
+        raise KeyboardInterrupt
 
-            return inspect_command(args.config, args.overrides, stage=args.stage, n=args.n, as_jsonl=args.jsonl,
-                                   packed=args.packed)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
+    try:
+        return signal.signal(signal.SIGTERM, _handle)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        return None
+
+
+def _guarded(parser, args, argv) -> int:
+    from lmpipeline.data.types import DataError
+
+    try:
+        return _dispatch(parser, args)
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint can be continued with --resume", file=sys.stderr)
+        if args.command == "run" or args.config:
+            print("interrupted: the last complete checkpoint can be continued with --resume", file=sys.stderr)
+        else:
+            print(f"interrupted: `lmpipeline {args.command}` stopped before finishing; its output was not written "
+                  "(only complete outputs are ever put in place), so run the command again", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last resort: a paragraph for the user, the traceback to a log
+        print(_internal_error_message(e, args, argv), file=sys.stderr)
+        return INTERNAL_ERROR_EXIT_CODE
+
+
+def _internal_error_message(error: Exception, args, argv) -> str:
+    command = "lmpipeline " + " ".join(argv if argv is not None else sys.argv[1:])
+    log_path = _write_traceback(error)
+    where = getattr(error, "lmpipeline_stage", None)
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return (f"error: internal error{f' in {where}' if where else ''} while running `{command}`: "
+            f"{type(error).__name__}{f': {first}' if first else ''}. This is a bug in lmpipeline or a case it does not "
+            f"check yet, not something you did wrong; the traceback is in {log_path}. Please report it with that file.")
+
+
+def _write_traceback(error: Exception) -> str:
+    """Append the traceback to the run's run.log (the failing stage says which), else to a crash log."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    run_log = getattr(error, "lmpipeline_log", None)
+    if run_log is not None:
+        try:
+            with open(run_log, "a", encoding="utf-8") as f:
+                f.write(f"internal error:\n{text}")
+            return str(run_log)
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix="lmpipeline-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def _dispatch(parser, args) -> int:
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
+    if args.command is None:
+        if not args.config:
+            parser.print_help()
+            return 2
+        return _run(args.config, args.top_overrides, overwrite=args.top_overwrite, resume=args.top_resume,
+                    allow_changed_config=args.top_allow_changed)
+    if args.command == "run":
+        if args.pilot:
+            if args.stages is not None:
+                raise UserError("--stages does not combine with --pilot (a pilot runs the first training stage)",
+                                key="--stages")
+            from lmpipeline.evaluate.pilot import run_pilot
+
+            run_pilot(args.config, args.overrides, steps=args.pilot, overwrite=args.overwrite)
+            return 0
+        return _run(args.config, args.overrides, overwrite=args.overwrite, resume=args.resume,
+                    allow_changed_config=args.allow_changed_config, stages=args.stages)
+    if args.command == "validate":
+        from lmpipeline.commands.validate import validate_command
+
+        return validate_command(args.config, args.overrides, config_only=args.config_only)
+    if args.command == "data":
+        if args.data_command != "inspect":
+            parser.parse_args(["data", "--help"])
+        from lmpipeline.commands.inspect import inspect_command
+
+        return inspect_command(args.config, args.overrides, stage=args.stage, n=args.n, as_jsonl=args.jsonl,
+                               packed=args.packed)
     parser.print_help()
     return 2
 
@@ -166,20 +240,27 @@ def stage_summary(name: str, entry: dict) -> str:
     return f"  {name}: " + ", ".join(shown) + (" -> " if shown and where else "") + (str(where) if where else "")
 
 
-def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool, stages: list[str] | None = None) -> int:
+def _run(config: str, overrides: list[str], *, overwrite: bool, resume: bool, allow_changed_config: bool = False,
+         stages: list[str] | None = None) -> int:
     from lmpipeline.config.loader import load_config, select_stages
-    from lmpipeline.pipeline import run_pipeline
+    from lmpipeline.pipeline import from_run, run_pipeline
 
+    if allow_changed_config and not resume:
+        raise UserError("applies only with --resume (it lets a resumed run go on with a changed config or data)",
+                        key="--allow-changed-config")
     cfg = load_config(config, overrides)
     if stages is not None:
         cfg = select_stages(cfg, stages)
-    record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume)
+    record = run_pipeline(cfg, config_path=config, overwrite=overwrite, resume=resume,
+                          allow_changed_config=allow_changed_config)
     if not is_main_process():
         return 0  # the main process prints the summary, once
     out = record["config"].get("output_dir") or record.get("derived", {}).get("output_dir")
     print(f"done: {len(record['stages'])} stage(s); outputs in {out}")
     for name, st in record["stages"].items():
-        print(stage_summary(name, st))
+        final = st.get("final_dir")
+        shown = dict(st, final_dir=str(from_run(Path(out), final))) if final and out else st  # run.json is relative
+        print(stage_summary(name, shown))
     return 0
 
 

@@ -26,18 +26,18 @@ def chat_command(path: str, *, base_model: str | None = None, dtype: str = "auto
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from lmpipeline.commands import add_allow_pickle_weights
+    from lmpipeline.commands import add_allow_pickle_weights, positive_int, probability, temperature
 
     p = subparsers.add_parser("chat", help="interactive chat with a model",
                               description="Chat with a model: streamed answers, multi-turn history; "
                                           "/reset, /system TEXT, /history, /exit.")
     p.add_argument("path", help="run folder, stage folder, adapter folder, package folder or model folder")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                    help="longest answer (default: a quarter of the model's context length, e.g. 128 tokens of a "
                         "512-token model or 32,768 of 131,072, so the conversation keeps the rest)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=probability, default=0.9, help="nucleus sampling threshold (default 0.9)")
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model for an adapter, if not the recorded one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA", help="override the tokenizer's chat template")

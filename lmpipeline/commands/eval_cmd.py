@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from lmpipeline import outputs
 from lmpipeline.errors import UserError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -64,6 +65,7 @@ def eval_command(path: str, *, golden: str | None = None, data: str | None = Non
                          allow_pickle_weights=allow_pickle_weights)
     except ValidationError as e:
         raise UserError(f"invalid option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    outputs.check_is_folder(out, key="--output-dir")
     ctx = RunContext(run_dir=Path(run_dir), base_model=base, completed=completed)
     stage = EvalStage(cfg)
     result = stage.execute(ctx)
@@ -85,7 +87,7 @@ def eval_command(path: str, *, golden: str | None = None, data: str | None = Non
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from lmpipeline.commands import add_allow_pickle_weights
+    from lmpipeline.commands import add_allow_pickle_weights, positive_int
 
     p = subparsers.add_parser(
         "eval", help="evaluate base vs tuned models: loss, perplexity, generation metrics",
@@ -95,9 +97,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--golden", metavar="FILE", help='prompts JSONL: {"prompt": ..., "reference": ...} or any SFT format')
     p.add_argument("--data", metavar="FILE", help="data for loss and perplexity (any SFT format)")
     p.add_argument("--output-dir", metavar="DIR", help="where results.json and samples.jsonl go")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generation batch (default 8)")
-    p.add_argument("--max-samples", type=int, metavar="N", help="use the first N golden prompts")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N", help="longest answer (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="prompts per generation batch (default 8)")
+    p.add_argument("--max-samples", type=positive_int, metavar="N", help="use the first N golden prompts")
     p.add_argument("--no-base", action="store_true", help="do not evaluate the untrained base")
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="base model, if not the one recorded (e.g. a local copy)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: bf16 on GPU, else float32)")

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from lmpipeline import outputs
 from lmpipeline.errors import UserError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -30,6 +31,9 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
     out = Path(output)
     if out.resolve() == Path(prompts).resolve():
         raise UserError("--output would overwrite --prompts; choose another file")
+    outputs.check_is_file_target(out, key="--output")
+    if out.exists():  # a new file beside a model is fine; replacing one of its files is not
+        outputs.check_disjoint(out, {"PATH": path}, output_key="--output", what="output file")
     rows = gen.read_prompts(prompts, max_samples=max_samples, system_prompt=system, key="--prompts")
     model, tokenizer = gen.load_for_inference(path, base_model, dtype, allow_pickle_weights=allow_pickle_weights)
     template = gen.resolve_template(tokenizer, chat_template=chat_template)
@@ -40,7 +44,7 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
                                  top_k=top_k, stop=stop or (), seed=seed)
     seconds = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = outputs.unique_temp(out)
     with open(tmp, "w", encoding="utf-8") as f:
         for r, g in zip(rows, results):
             rec = dict(r.row)
@@ -56,20 +60,20 @@ def generate_command(path: str, prompts: str, output: str, *, max_new_tokens: in
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from lmpipeline.commands import add_allow_pickle_weights
+    from lmpipeline.commands import add_allow_pickle_weights, non_negative_int, positive_int, probability, temperature
 
     p = subparsers.add_parser("generate", help="batch inference over a prompts file",
                               description="Generate an answer for every prompt of a JSONL file.")
     p.add_argument("path", help="run folder, stage folder, adapter folder, package folder or model folder")
     p.add_argument("--prompts", required=True, metavar="FILE", help='JSONL of {"prompt": str or messages} (or an SFT format)')
     p.add_argument("--output", required=True, metavar="FILE", help="JSONL written with an `output` per row")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N", help="longest answer (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="prompts generated at once (engine slots, default 8)")
-    p.add_argument("--max-samples", type=int, metavar="N", help="only the first N prompts")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    p.add_argument("--max-samples", type=positive_int, metavar="N", help="only the first N prompts")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the K most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="end an answer at this string (repeatable)")
     p.add_argument("--system", metavar="TEXT", help="system prompt put before prompts that have none")

@@ -41,6 +41,8 @@ def inspect_command(config: str, overrides: list[str], *, stage: str | None, n: 
         print(masking.render_legend(color))
 
     view = method.inspect(stage_cfg, tokenizer, n)
+    if view.header and not as_jsonl:
+        print(view.header)
     for source, note, rows in view.items:
         if as_jsonl:
             record = {"source": source}

@@ -14,7 +14,7 @@ from lmpipeline.config.loader import load_config
 from lmpipeline.data import validate
 from lmpipeline.methods import method_for
 from lmpipeline.models.loading import load_tokenizer
-from lmpipeline.pipeline import check_references
+from lmpipeline.pipeline import check_output_paths, check_references
 from lmpipeline.plan.requirements import check_requirements, missing_requirements
 
 
@@ -29,6 +29,7 @@ def validate_command(config: str, overrides: list[str], *, config_only: bool = F
         return 0
     check_references(cfg)
     check_requirements(cfg)
+    check_output_paths(cfg, config)
 
     failed = False
     for name in cfg.stages:

@@ -23,7 +23,9 @@ METRIC_NAMES = ("exact_match", "rouge_l", "bleu")
 
 class _Strict(BaseModel):
     # Same behaviour as schema._Strict (kept local so this module depends on pydantic only).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: a NaN or infinite number is never a usable setting (a NaN learning rate
+    # trains a no-op that reports "done"), so every float key refuses one at validation.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class _LifecycleStage(_Strict):

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from lmpipeline.config.errors import ConfigError, ConfigIssue, did_you_mean
+from lmpipeline.config.ranges import unusable_values
 from lmpipeline.config.schema import STAGE_ALIASES, STAGE_CONFIG_CLASSES, PipelineConfig
 
 Path_ = tuple  # a key path such as ("stage_configs", "sft", "lora_r")
@@ -105,6 +106,47 @@ def _key_lines(node: yaml.Node, path: Path_, out: dict[Path_, int]) -> None:
             _key_lines(item, path + (i,), out)
 
 
+# How many values a config may expand to through YAML aliases (&a / *a). A real config has a few
+# hundred; an alias of aliases of aliases ("billion laughs") expands exponentially and would hang
+# every later step, so past this budget the file is refused.
+ALIAS_BUDGET = 20_000
+MERGE_KEY = "<<"
+
+
+def _structure_issues(node: yaml.Node | None, file: str) -> list[ConfigIssue]:
+    """Duplicate keys (YAML silently keeps the last) and alias expansion past ALIAS_BUDGET."""
+    issues: list[ConfigIssue] = []
+    checked: set[int] = set()  # a mapping reached again through an alias is checked once
+    stack: list[tuple[yaml.Node, Path_]] = [(node, ())] if node is not None else []
+    expanded = 0
+    while stack:
+        current, path = stack.pop()
+        expanded += 1
+        if expanded > ALIAS_BUDGET:
+            issues.append(ConfigIssue(".".join(map(str, path[:1])), f"the YAML expands to more than {ALIAS_BUDGET:,} values "
+                                      "through aliases (&name / *name); write the values out, or use fewer nested "
+                                      "aliases", file, current.start_mark.line + 1))
+            break
+        if isinstance(current, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key_node, value_node in current.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if id(current) not in checked and key is not None and key != MERGE_KEY:
+                    line = key_node.start_mark.line + 1
+                    if key in first_line:
+                        issues.append(ConfigIssue(".".join(map(str, path + (key,))),
+                                                  f"duplicate key: written at line {first_line[key]} and again at line "
+                                                  f"{line}; YAML would keep only the last one silently, so remove one",
+                                                  file, line))
+                    else:
+                        first_line[key] = line
+                stack.append((value_node, path + (key,)))
+            checked.add(id(current))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, path + (i,)) for i, item in enumerate(current.value))
+    return sorted(issues, key=lambda i: i.line or 0)
+
+
 def read_yaml(path: str | Path) -> _Located:
     """Safe-load a YAML file, remembering key lines. Python tags and syntax errors become ConfigError."""
     file = str(path)
@@ -117,8 +159,11 @@ def read_yaml(path: str | Path) -> _Located:
     except OSError as e:
         raise ConfigError([ConfigIssue("", f"cannot read config: {e.strerror}", file)]) from None
     try:
-        data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        structure = _structure_issues(node, file)  # before anything walks or expands the tree
+        if structure:
+            raise ConfigError(structure)
+        data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -290,7 +335,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             issues.append(ConfigIssue(f"stage_configs.{name}", "must be a mapping of parameters", *where(("stage_configs", name))))
             continue
         try:
-            cls(stage_name=name, **params)
+            checked = cls(stage_name=name, **params)
+            for key, msg in unusable_values(checked):
+                p = ("stage_configs", name, key)
+                issues.append(ConfigIssue(".".join(p), msg, *where(p)))
         except ValidationError as err:
             for e in err.errors():
                 p = ("stage_configs", name) + tuple(e["loc"])

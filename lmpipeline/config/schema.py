@@ -55,7 +55,9 @@ SCHEDULERS = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: a NaN or infinite number is never a usable setting (a NaN learning rate
+    # trains a no-op that reports "done"), so every float key refuses one at validation.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):

@@ -24,7 +24,8 @@ from lmpipeline.data.types import Source, TokenizedExample
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: per-turn loss_weight is honoured under loss_on "all" too; entries made before trained those turns.
+CACHE_VERSION = 2
 TOKEN_OPTIONS = (
     "dataset_format", "dataset_split", "dataset_text_field", "column_mapping", "eval_dataset_name_or_path",
     "validation_split_ratio", "max_samples", "max_seq_length", "on_invalid", "on_overlong", "chat_template_path",

@@ -50,7 +50,8 @@ typed parts ({"type": "text", "text"|"value": ...}, LLaMA-Factory v1 uses "value
     JSON has a name; when the turn has no visible text its content is the calls' JSON text
     (one call a line), so templates without tool support still see the call;
   - image/audio/video parts raise DataError (this pipeline is text-only).
-Per-turn "loss_weight" (or "weight") numbers, "name" and "tool_call_id" are kept on the message.
+Per-turn "loss_weight" (or "weight": 0 = not trained, 1 = trained, any other value refused), "name" and
+"tool_call_id" are kept on the message.
 `tools` (a JSON string or a list) is parsed into a list of dicts and passed through unchanged.
 
 Conversation rules (DataError when broken), chosen so that every chat template can render the
@@ -460,7 +461,10 @@ def _parse_message(turn: Any, number: int, field: str, source: Source | None, op
     where = f"{field} turn {number}"
     if not isinstance(turn, dict):
         raise DataError(f"{where} must be an object with role and content, found {_type_name(turn)}", source, key=field)
-    _, raw_role = _first(turn, "role", "from")
+    role_key, raw_role = _first(turn, "role", "from")
+    if raw_role is None and (role_key in turn or "role" in turn or "from" in turn):
+        raise DataError(f"{where} '{role_key or 'role'}' must be a string (user, assistant, system, tool), found null",
+                        source, key=field)
     if raw_role is None:
         hint = _typo_in_row("role", turn) or _typo_in_row("from", turn)
         raise DataError(f"{where} has no 'role' (or 'from').{hint} Keys: {', '.join(sorted(turn))}", source, key=field)
@@ -569,8 +573,10 @@ def _finish_message(role, content, reasoning, calls, call_texts, turn, where, so
             message[key] = turn[key]
     _, weight = _first(turn, "loss_weight", "weight")
     if weight is not None:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or math.isnan(weight):
-            raise DataError(f"{where} loss_weight must be a number, found {_type_name(weight)}", source)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            shown = repr(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else _type_name(weight)
+            raise DataError(f"{where} loss_weight must be 0 (not trained) or 1 (trained), found {shown}; token labels "
+                            "cannot carry other weights", source)
         message["loss_weight"] = float(weight)
     return message
 

@@ -29,8 +29,11 @@ Chat (`tokenize_chat`)
     The rendered text is tokenised with add_special_tokens=False: templates write bos_token
     themselves, so a tokenizer that adds BOS would otherwise double it.
 
-    A message with "loss_weight": 0 (LLaMA-Factory's per-turn weight, kept by formats.py) is shown
-    but not trained. Token labels cannot carry fractional weights: any other weight trains the turn.
+    A per-turn "loss_weight" (LLaMA-Factory's, kept by formats.py, which accepts only 0 and 1: token
+    labels cannot carry fractional weights) decides for its turn under either loss_on: 0 = shown but
+    not trained (the whole turn, header and end of turn included, under loss_on "all"), 1 = trained
+    (a user or system turn too, its rendering from the end of the previous turn to its own end).
+    Turns without one follow loss_on.
 
     Raised (DataError, with the example's source): a template that is not prefix-preserving (it
     rewrites earlier turns once later ones exist; the message shows both texts at the first
@@ -114,10 +117,13 @@ def tokenize_chat(
         _check_template_reads(example.messages, example.tools, chat_template)
         full = render(tokenizer, chat_template, example.messages, tools=example.tools)
         if loss_on == "all":
-            spans = [(0, len(full))]
+            spans = _without(0, len(full), weighted_turn_spans(example.messages, tokenizer, chat_template, full,
+                                                               example.tools, weight=0))
         elif loss_on == "assistant":
             eot = end_of_turn if end_of_turn is not None else end_of_turn_token(chat_template, tokenizer)
             spans = assistant_char_spans(example.messages, tokenizer, chat_template, full, eot, example.tools)
+            spans += weighted_turn_spans(example.messages, tokenizer, chat_template, full, example.tools, weight=1,
+                                         roles_other_than="assistant")
         else:
             raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
         ids, trained = _tokenize_with_spans(full, spans, tokenizer)
@@ -174,8 +180,8 @@ def assistant_char_spans(
             if k < 0:
                 raise DataError(
                     f"assistant message {i}: its rendering {_clip(region)!r} does not contain the end-of-turn "
-                    f"token {end_of_turn!r}; the chat template does not close turns with it (pass the right "
-                    "end_of_turn, or use a template that writes it)"
+                    f"token {end_of_turn!r}; the chat template does not close turns with it (set chat_template "
+                    "to a template that ends each turn with one token, e.g. a built-in name)"
                 )
             if region.find(end_of_turn, k + len(end_of_turn)) >= 0:
                 raise DataError(
@@ -187,12 +193,44 @@ def assistant_char_spans(
             if i != last and not full.startswith(upto):
                 raise DataError(
                     f"cannot tell where assistant message {i} ends: the chat template's end-of-turn token is "
-                    "unknown and the template writes text after the last message. Pass end_of_turn"
+                    "unknown and the template writes text after the last message. Set chat_template to a template that "
+                    "ends each turn with a known token (e.g. a built-in name)"
                 )
             end = start + len(region.rstrip())
         if end > start:
             spans.append((start, end))
     return spans
+
+
+def weighted_turn_spans(messages: list[dict], tokenizer: Any, chat_template: str, full: str,
+                        tools: list[dict] | None, *, weight: float,
+                        roles_other_than: str | None = None) -> list[tuple[int, int]]:
+    """Character spans of the turns whose loss_weight is `weight`: from the end of the previous turn's
+    rendering to the end of this one's (its header, content and end of turn)."""
+    spans = []
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
+        if message.get("loss_weight") != weight or message.get("role") == roles_other_than:
+            continue
+        start = len(_render_part(tokenizer, chat_template, messages[:i], False, tools, i)) if i else 0
+        upto = full if i == last else _render_part(tokenizer, chat_template, messages[: i + 1], False, tools, i + 1)
+        if not full.startswith(upto):
+            raise _prefix_error(f"the first {i + 1} messages", upto, "the whole conversation", full)
+        if len(upto) > start:
+            spans.append((start, len(upto)))
+    return spans
+
+
+def _without(start: int, end: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) minus the (sorted, disjoint) `holes`."""
+    out, at = [], start
+    for a, b in sorted(holes):
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if end > at:
+        out.append((at, end))
+    return out
 
 
 def _render_part(tokenizer, chat_template, messages, add_generation_prompt, tools, n) -> str:
@@ -505,7 +543,8 @@ def check_trained_tokens(
     if eot is None:
         out.append(
             "cannot tell this chat template's end-of-turn token; each assistant turn is trained up to the "
-            "end of its rendered text (trailing whitespace excluded). Pass end_of_turn if that is wrong"
+            "end of its rendered text (trailing whitespace excluded). If that is wrong, set chat_template to "
+            "a template that ends each turn with a known token (e.g. a built-in name)"
         )
         return out
     eot_ids = _encode(tokenizer, eot)

@@ -132,10 +132,14 @@ def _read_bytes(path: Path) -> bytes:
     try:
         if path.suffix.lower() == ".gz":
             with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+                data = f.read()
+        else:
+            data = path.read_bytes()
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
+    if not data.strip():  # said plainly, not as "no format detected in 0 rows"
+        raise DataError(f"{path} is empty" if not data else f"{path} holds only blank lines: there are no rows to read")
+    return data
 
 
 def _check_suffix(path: Path) -> None:
@@ -148,6 +152,15 @@ def _check_suffix(path: Path) -> None:
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[Row]:
+    rows = 0
+    for row in _read_file_rows(path, text_field):
+        rows += 1
+        yield row
+    if rows == 0:  # a CSV header alone, an empty JSON list: said plainly, by name
+        raise DataError(f"{path} holds no rows")
+
+
+def _read_file_rows(path: Path, text_field: str) -> Iterator[Row]:
     suffix = _data_suffix(path)
     name = str(path)
     if suffix in JSONL_SUFFIXES:

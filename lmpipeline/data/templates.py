@@ -162,10 +162,10 @@ def resolve_chat_template(
 ) -> str:
     """The Jinja text a run renders conversations with (order of precedence in the module docstring)."""
     if chat_template_path:
-        return load_template_file(chat_template_path)
+        return _parsed(load_template_file(chat_template_path), str(chat_template_path), "chat_template_path")
     if chat_template:
         if _looks_like_jinja(chat_template):
-            return chat_template
+            return _parsed(chat_template, "chat_template", "chat_template")
         return builtin_template(chat_template)
     own = _template_from_config_value(getattr(tokenizer, "chat_template", None))
     if own:
@@ -176,6 +176,18 @@ def resolve_chat_template(
         f"built-ins ({', '.join(BUILTIN_NAMES)}), to literal Jinja, or set chat_template_path",
         key="chat_template",
     )
+
+
+def _parsed(text: str, where: str, key: str) -> str:
+    """`text` once Jinja has parsed it: a syntax error is the template's, named with its line, not blamed
+    on the first data row that happens to render it."""
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"{where}:{e.lineno}: the chat template is not valid Jinja: {e.message}", key=key) from None
+    return text
 
 
 def end_of_turn_token(template: str, tokenizer: Any) -> str | None:

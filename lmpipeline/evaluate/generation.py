@@ -110,7 +110,10 @@ def read_run(run_dir: str | Path) -> RunInfo:
     for name, entry in (data.get("stages") or {}).items():
         final = None
         recorded = entry.get("final_dir")
-        for cand in ([Path(recorded)] if recorded and recorded != "None" else []) + [run_dir / name / "final"]:
+        # Relative paths are the run's own folders (a copied run uses its own files); an absolute one
+        # (older run.json) loses to this run folder's own <stage>/final when that exists.
+        own = [run_dir / recorded] if recorded and recorded != "None" and not Path(recorded).is_absolute() else []
+        for cand in own + [run_dir / name / "final"] + ([Path(recorded)] if recorded and recorded != "None" else []):
             if cand.is_dir():
                 final = cand
                 break

@@ -192,7 +192,7 @@ def run_pilot(cfg_path: str, overrides: list[str] | None = None, steps: int = 10
                                        else eval_cfg.max_samples or DEFAULT_PROMPTS,
                                        "max_new_tokens": max_new_tokens or eval_cfg.max_new_tokens,
                                        "num_print_samples": 0, "models": None})
-    final_dir = Path(entry["final_dir"]) if entry.get("final_dir") else None
+    final_dir = out / entry["final_dir"] if entry.get("final_dir") else None  # relative to the run folder
     ctx = RunContext(run_dir=out, base_model=cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path,
                      torch_dtype=cfg.torch_dtype,
                      completed=[StageOutput(first, kind, final_dir, bool(entry.get("adapter")), entry.get("metrics") or {})])

@@ -30,11 +30,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmpipeline import outputs
 from lmpipeline.config.lifecycle import MergeConfig
 from lmpipeline.context import RUN_FILE, RunContext, StageResult
 from lmpipeline.data.cache import file_sha256
@@ -124,6 +124,9 @@ def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "au
                 allow_pickle_weights: bool = False) -> MergeResult:
     """Merge `spec.adapters` into `spec.base` and save the result in `output_dir` (see module docstring).
 
+    `output_dir` may not overlap the base, the tokenizer or an adapter (a folder beside them in a run folder
+    is fine), and replaces only an earlier merge output (lmpipeline/outputs.py).
+
     `training_quant` is the 4-bit setting adapters were trained with (run.json stage config keys
     bnb_4bit_*), used only with quantized_base="dequantized".
     """
@@ -134,9 +137,10 @@ def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "au
     if not spec.adapters:
         raise UserError(f"nothing to merge: `{spec.base}` is a full model, not a LoRA adapter",
                         hint="merge applies to runs trained with use_lora: true")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"output folder `{out}` is not empty", hint="choose another folder or pass --overwrite")
+    outputs.check_is_folder(out, key="--output")
+    inputs = {**{f"adapter {a}": a for a in spec.adapters}, "base model": spec.base, "tokenizer": spec.tokenizer}
+    outputs.check_disjoint(out, inputs, output_key="--output")
+    outputs.check_replaceable(out, "merge", key="--output", overwrite=overwrite)
     warnings: list[str] = []
     config = _base_config(spec.base, trust_remote_code)
     dtype_name = target_dtype(dtype, config)
@@ -169,16 +173,31 @@ def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "au
         log.info("merged adapter %s", adapter)
     model.to("cpu")
 
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = outputs.unique_temp(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        info = _save_merged(model, spec, tmp, torch_dtype=torch_dtype, dtype_name=dtype_name, max_shard_size=max_shard_size,
+                            safe_merge=safe_merge, quantized_base=quantized_base, warnings=warnings,
+                            trust_remote_code=trust_remote_code)
+        outputs.mark(tmp, "merge")
+        outputs.put_in_place(tmp, out)
+    finally:
+        if tmp.exists():  # stopped or failed half-way: the temporary folder is ours, the output untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("merged model written to %s (%s)", out, dtype_name)
+    return MergeResult(out, spec, dtype_name, warnings, info)
+
+
+def _save_merged(model, spec: gen.ModelSpec, folder: Path, *, torch_dtype, dtype_name: str, max_shard_size: str,
+                 safe_merge: bool, quantized_base: str, warnings: list[str], trust_remote_code: bool) -> dict:
+    """Weights, tokenizer, generation config and merge_info.json of the merged model, into `folder`."""
+    folder.mkdir(parents=True)
     model.config.dtype = torch_dtype
     tokenizer = _tokenizer(spec, trust_remote_code)
     derived = _generation_config(model, tokenizer)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(folder)
     info = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "base_model": spec.base,
@@ -193,12 +212,8 @@ def merge_model(spec: gen.ModelSpec, output_dir: str | Path, *, dtype: str = "au
         "derived": derived,
         "warnings": warnings,
     }
-    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log.info("merged model written to %s (%s)", out, dtype_name)
-    return MergeResult(out, spec, dtype_name, warnings, info)
+    (folder / MERGE_INFO).write_text(json.dumps(info, indent=2))
+    return info
 
 
 def _tokenizer(spec: gen.ModelSpec, trust_remote_code: bool):

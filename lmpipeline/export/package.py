@@ -50,6 +50,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from lmpipeline import outputs
 from lmpipeline.config.lifecycle import PackageConfig
 from lmpipeline.context import RUN_FILE, RunContext, StageResult
 from lmpipeline.data.cache import file_sha256
@@ -308,7 +309,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 def write_archive(archive: Path, top: str, small: dict[str, bytes], files: list[tuple[str, Path]],
                   compress_level: int = 6) -> str:
     """Write the .tar.gz (small in-memory files first, then model files, sorted); returns its sha256."""
-    tmp = archive.with_name(archive.name + ".tmp")
+    tmp = outputs.unique_temp(archive)
     with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                                compresslevel=compress_level) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -523,8 +524,9 @@ def build_package(path: str | Path, output_dir: str | Path, config: PackageConfi
     cfg = config or PackageConfig()
     if cfg.push_to_hub:
         hub_token()  # a missing token fails now, not after minutes of hashing and compressing
-    content = select_content(path, cfg.source, base_model)
     out = Path(output_dir)
+    outputs.check_is_folder(out, key="--output-dir")
+    content = select_content(path, cfg.source, base_model)
     out.mkdir(parents=True, exist_ok=True)
     if content.run is not None:
         default = f"{content.run.run_dir.resolve().name}-{content.spec.label}"
@@ -534,6 +536,7 @@ def build_package(path: str | Path, output_dir: str | Path, config: PackageConfi
 
     name = _safe_name(redact(cfg.model_name or default))
     folder = out / name
+    outputs.check_is_folder(folder, key="--output-dir")
     folder.mkdir(parents=True, exist_ok=True)
 
     meta = redact(collect_metadata(content, name))

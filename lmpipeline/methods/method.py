@@ -42,6 +42,7 @@ class InspectView:
     lengths: list[int]
     summary: str = ""
     data: Any = None  # the method's own data object (SFT's packed view reads it)
+    header: str = ""  # printed first: which tokens the method trains
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,10 @@ class SFTStage:
 def inspect_rows(cfg: SFTConfig, tokenizer, n: int) -> InspectView:
     data = build_sft_data(cfg, tokenizer)
     items = [(str(ex.source), f"({len(ex)} tokens, {ex.num_trained} trained)", [("", ex)]) for ex in data.train[:n]]
-    return InspectView(items, [len(e) for e in data.train], f"data: {data.summary()}", data)
+    header = (f"trained: {'assistant turns' if cfg.assistant_only_loss else 'every token'} "
+              f"(assistant_only_loss: {str(cfg.assistant_only_loss).lower()}); a turn's loss_weight, where the data "
+              "has one, wins: 0 = shown, not trained; 1 = trained")
+    return InspectView(items, [len(e) for e in data.train], f"data: {data.summary()}", data, header)
 
 
 def validate_rows(cfg: SFTConfig, tokenizer):

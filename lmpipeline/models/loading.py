@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
 from lmpipeline.config.schema import TrainStageConfig
@@ -52,7 +53,9 @@ def check_model_reference(name: str | None, key: str = "model_name_or_path") -> 
         raise UserError("no model given", key=key, hint=f"set it in the config or with --set {key}=PATH_OR_HUB_ID")
     p = Path(name).expanduser()
     if p.exists():
-        if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        if not p.is_dir():
+            raise UserError(f"`{name}` is a file; a model folder (holding config.json) or a Hub id is needed", key=key)
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
             raise UserError(f"`{name}` is a folder but holds no config.json (not a saved model)", key=key)
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -138,8 +141,15 @@ def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto")
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, pickle.UnpicklingError) as e:  # the last: a pickle torch's weights_only refuses
-        raise UserError(f"cannot load model `{name}`: {str(e).splitlines()[0]}", key="model_name_or_path") from None
+    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as e:  # pickle: what weights_only refuses
+        raise UserError(f"cannot load model `{name}`: {str(e).splitlines()[0]}", key="model_name_or_path",
+                        hint="the weight files are damaged or incomplete: copy or download the model again") from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        # config.json and the weights disagree (e.g. hidden_size edited, or weights of another model).
+        raise UserError(f"cannot load model `{name}`: its weights do not match its config.json (shapes differ)",
+                        key="model_name_or_path", hint="use the config.json that came with these weights") from None
     if quant is None and torch.cuda.is_available():
         model.to(torch.cuda.current_device())
     return model

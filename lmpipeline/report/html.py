@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmpipeline import outputs
 from lmpipeline.errors import UserError
 from lmpipeline.numbers import fmt_number
 
@@ -303,6 +304,10 @@ def render_report(run_dir: str | Path) -> str:
                      f"<code>{e(str(fp)[:16])}</code>", e(shown)])
     parts += ["<h2>Stages</h2>", _table(["stage", "kind", "status", "steps", "model", "data fingerprint", "final metrics"],
                                         rows, numeric={3})]
+    # A stage that did not finish says why, in the words run.json recorded (pipeline._run_one).
+    stopped = [(name, st) for name, st in stages.items() if st.get("status") in ("failed", "interrupted", "preempted")]
+    parts += [f'<p class="stopped"><b>{e(name)} {e(str(st["status"]))}</b>: {e(str(st.get("error") or "no message recorded"))}</p>'
+              for name, st in stopped]
 
     curves = [_stage_section(run_dir, name, st) for name, st in stages.items() if _trained(st)]
     curves = [c for c in curves if c]
@@ -322,11 +327,21 @@ def render_report(run_dir: str | Path) -> str:
     return "\n".join(parts)
 
 
+def _is_report(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"<!DOCTYPE html>") and b"<title>lmpipeline report" in head
+
+
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the report (default <run_dir>/report.html) and return its path."""
     out = Path(output) if output else Path(run_dir) / REPORT_FILE
+    outputs.check_is_file_target(out, key="--output")
+    if out.is_file() and not _is_report(out):
+        raise UserError(f"{out} exists and is not a report lmpipeline wrote, so it will not be replaced", key="--output",
+                        hint="choose a new file name for the report")
     text = render_report(run_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = outputs.unique_temp(out)
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
     return out

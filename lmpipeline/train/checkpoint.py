@@ -8,12 +8,17 @@ leaves a half-deleted folder under a checkpoint's name. Only the main process wr
 
 Contents: trainable weights (adapter or full model, safetensors), optimizer, scheduler, the RNG
 states of python/numpy/torch, and trainer_state.json (step, epoch, position in the epoch).
+
+Every file is read back as data only (`read_data_file`: torch's weights_only unpickler, safetensors,
+JSON): a checkpoint folder may come from anyone, and a full unpickle of it could run their code.
+The RNG states are therefore saved as plain tensors, numbers and strings, never as numpy objects.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmpipeline.errors import UserError
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -45,9 +52,12 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def rng_state() -> dict:
+    """The RNG states as plain data (tensors, ints, floats, strings) that weights_only can read."""
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(keys), gauss],
+        "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -56,8 +66,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -75,7 +87,6 @@ def save_checkpoint(folder: Path, step: int, *, model, optimizer, scheduler, tra
         tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    # RNG states hold numpy arrays and tuples: a trusted file we wrote ourselves (see load below).
     torch.save(rng_state(), tmp / "rng_state.pt")
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     _fsync_tree(tmp)
@@ -152,10 +163,41 @@ def load_trainable_weights(model, ckpt: Path) -> None:
         raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def read_data_file(path: Path):
+    """A .pt file of a checkpoint, read as data only (tensors, numbers, strings, lists, dicts).
+
+    Anything else in it (a pickled object, a numpy array, code) is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint file {path} holds more than tensors and plain data ({first[:200]}); "
+            "lmpipeline reads checkpoints as data only, so it was not loaded",
+            key="--resume",
+            hint="resume only from checkpoints this version of lmpipeline wrote; if you did not write this "
+                 "file, do not load it with anything that unpickles (it can run code)") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise UserError(f"cannot read checkpoint file {path}: {str(e).splitlines()[0] if str(e) else e!r}",
+                        key="--resume", hint="the checkpoint is damaged: delete it to resume from an earlier one") from None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {ckpt / STATE_FILE}: {e}", key="--resume",
+                        hint="the checkpoint is damaged: delete it to resume from an earlier one") from None
+
+
 def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler) -> dict:
+    # Everything read before anything is applied: a refused file leaves the model as it was.
+    rng = read_data_file(ckpt / "rng_state.pt")
+    optim = read_data_file(ckpt / "optimizer.pt")
+    sched = read_data_file(ckpt / "scheduler.pt")
+    state = read_trainer_state(ckpt)
     load_trainable_weights(model, ckpt)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-    # weights_only=False: the RNG file holds numpy state, and it is our own file inside our run folder.
-    set_rng_state(torch.load(ckpt / "rng_state.pt", map_location="cpu", weights_only=False))
-    return json.loads((ckpt / STATE_FILE).read_text())
+    optimizer.load_state_dict(optim)
+    scheduler.load_state_dict(sched)
+    set_rng_state(rng)
+    return state

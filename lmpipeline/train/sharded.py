@@ -19,7 +19,6 @@ not match the model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -109,9 +108,12 @@ def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler) -> dict:
         else:
             for f in sorted(ckpt.glob("model*.safetensors")):
                 weights.update(load_file(f))
-        optim = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        optim = ckpt_io.read_data_file(ckpt / "optimizer.pt")
+    # Every rank reads these; each refuses a file that is more than data (train/checkpoint.read_data_file).
+    sched = ckpt_io.read_data_file(ckpt / "scheduler.pt")
+    rng = ckpt_io.read_data_file(ckpt / "rng_state.pt")
     set_model_state_dict(model, weights, options=_options(broadcast_from_rank0=True, strict=False))
     set_optimizer_state_dict(model, _torch_optimizer(optimizer), optim, options=_options(broadcast_from_rank0=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-    ckpt_io.set_rng_state(torch.load(ckpt / "rng_state.pt", map_location="cpu", weights_only=False))
-    return json.loads((ckpt / ckpt_io.STATE_FILE).read_text())
+    scheduler.load_state_dict(sched)
+    ckpt_io.set_rng_state(rng)
+    return ckpt_io.read_trainer_state(ckpt)

@@ -165,3 +165,53 @@ class Injecting:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------- inputs unchanged
+
+
+def tree_hashes(*paths: Path) -> dict[str, str]:
+    """{path: sha256} of every file under `paths` (files or folders): compare before and after a command
+    to show that it left its inputs byte-identical."""
+    import hashlib
+
+    out = {}
+    for top in map(Path, paths):
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def train_tiny_run(folder: Path, model: Path, data: Path, **sft) -> Path:
+    """A finished 2-step LoRA SFT run in folder/run (checkpoint at each step); returns its config path."""
+    from lmpipeline.cli import main
+
+    cfg = write_config(folder, model, data, **{"max_steps": 2, "save_steps": 1, **sft})
+    assert main(["run", str(cfg)]) == 0
+    return cfg
+
+
+def config_for_copy(trained: Path, run: Path, folder: Path, **sft) -> Path:
+    """The config of the run `trained`, pointed at its copy `run` (written to folder/config.yaml)."""
+    raw = yaml.safe_load((trained.parent / "config.yaml").read_text())
+    raw["output_dir"] = str(run)
+    raw["stage_configs"]["sft"].update(sft)
+    cfg = folder / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    return cfg
+
+
+def stopped_copy(trained: Path, folder: Path, **sft) -> tuple[Path, Path]:
+    """A copy of the run `trained` in folder/run, recorded as stopped mid-stage (as a kill leaves it),
+    and its config; `sft` changes the config and the recorded config alike (the run was made with it)."""
+    import shutil
+
+    run = folder / "run"
+    shutil.copytree(trained, run)
+    cfg = config_for_copy(trained, run, folder, **sft)
+    record = json.loads((run / "run.json").read_text())
+    record["stages"]["sft"]["status"] = "running"
+    record["config"]["stage_configs"]["sft"].update(sft)
+    (run / "run.json").write_text(json.dumps(record))
+    return run, cfg

@@ -175,7 +175,8 @@ def test_json_single_object_and_empty_array(tmp_path):
     assert records(rows_of(one)) == [{"text": "only"}]
     empty = tmp_path / "empty.json"
     empty.write_text("[ ]\n", encoding="utf-8")
-    assert rows_of(empty) == []
+    with pytest.raises(DataError, match=f"{empty} holds no rows"):  # named, not "no format in 0 rows"
+        rows_of(empty)
 
 
 def test_jsonl_saved_as_json(tmp_path):
