@@ -48,11 +48,12 @@ import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-from lmpipeline.config.schema import DPOConfig, token_budget
+from lmpipeline.config.schema import DPOConfig, TrainStageConfig, token_budget
 from lmpipeline.data import cache, masking, validate
 from lmpipeline.data.build import _key, chat_template_for, load_examples
 from lmpipeline.data.packing import regroup_by_tokens
@@ -143,7 +144,7 @@ def fit_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int | None
     return TokenizedPair(prompt, chosen, rejected, pair.source), cut
 
 
-def tokenize_pairs(examples, cfg: DPOConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
+def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
     """Tokenise every example, apply on_overlong and count what it touched."""
     out = []
     for ex in examples:
@@ -170,7 +171,7 @@ def tokenize_pairs(examples, cfg: DPOConfig, tokenizer, template: str, report: D
             report.dropped_overlong += 1
             continue
         try:
-            pair, cut = fit_pair(pair, cfg.max_seq_length, cfg.max_prompt_length)
+            pair, cut = fit_pair(pair, cfg.max_seq_length, getattr(cfg, "max_prompt_length", None))
             if pair.chosen_ids == pair.rejected_ids:
                 raise DataError("chosen and rejected are identical after truncation to "
                                 f"{len(pair.chosen_ids)} completion tokens", ex.source)
@@ -183,45 +184,66 @@ def tokenize_pairs(examples, cfg: DPOConfig, tokenizer, template: str, report: D
     return out
 
 
-def build_preference_data(cfg: DPOConfig, tokenizer) -> PreferenceData:
+def build_preference_data(cfg: TrainStageConfig, tokenizer) -> PreferenceData:
     """Tokenised train (and eval) pairs for `cfg`, from the cache when the same inputs were seen."""
-    parts = dict(cache.fingerprint_inputs(cfg, tokenizer), pairs=PAIR_CACHE_VERSION)
-    cached = _load_pairs(parts)
+    return build_tokenised(cfg, tokenizer, tokenize=tokenize_pairs, store=PAIR_STORE, data_class=PreferenceData,
+                           noun="pairs")
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """How one kind of tokenised item is cached (data/cache.py's entries): its file suffix, its version
+    and how a list of items becomes arrays and back."""
+
+    suffix: str
+    version: int
+    pack: Callable
+    unpack: Callable
+    what: str
+
+
+def build_tokenised(cfg: TrainStageConfig, tokenizer, *, tokenize: Callable, store: TokenStore, data_class,
+                    noun: str):
+    """read rows -> template -> `tokenize(examples, cfg, tokenizer, template, report)` -> cache, for train
+    and eval: what preference pairs and unpaired (KTO) examples share. `data_class` takes (train, eval,
+    report, formats, fingerprint, cache_hit, chat_template, warnings)."""
+    parts = dict(cache.fingerprint_inputs(cfg, tokenizer), **{store.suffix.strip("."): store.version})
+    cached = cache.load_entry(parts, unpack=store.unpack, suffix=store.suffix, what=store.what.replace("-", " "))
     if cached is not None:
         train, eval_, meta = cached
         if meta.get("chat_template"):
             tokenizer.chat_template = meta["chat_template"]
-        return PreferenceData(train, eval_, DataReport(**meta["report"]), meta["formats"], meta["fingerprint"], True,
-                              meta.get("chat_template"), meta.get("warnings", []))
+        return data_class(train, eval_, DataReport(**meta["report"]), meta["formats"], meta["fingerprint"], True,
+                          meta.get("chat_template"), meta.get("warnings", []))
     try:
         examples, eval_examples, report, fmts = load_examples(cfg)
     except DataError as e:
         raise UserError(str(e), key=_key(cfg, "dataset_name_or_path"),
                         hint="fix the rows, or set on_invalid: skip to drop them (they are counted)") from None
     template = chat_template_for(cfg, tokenizer)
-    train = tokenize_pairs(examples, cfg, tokenizer, template, report)
-    eval_ = tokenize_pairs(eval_examples, cfg, tokenizer, template, report) if eval_examples else None
+    train = tokenize(examples, cfg, tokenizer, template, report)
+    eval_ = tokenize(eval_examples, cfg, tokenizer, template, report) if eval_examples else None
     if not train:
-        raise UserError(f"no usable preference pairs after tokenisation ({report.summary()})",
-                        key=_key(cfg, "dataset_name_or_path"))
+        raise UserError(f"no usable {'preference pairs' if noun == 'pairs' else noun} after tokenisation "
+                        f"({report.summary()})", key=_key(cfg, "dataset_name_or_path"))
     report.kept = len(train)
     warnings = []
     if report.dropped_overlong:
-        warnings.append(f"{report.dropped_overlong} pairs dropped for length (max_seq_length={cfg.max_seq_length}, "
-                        f"max_prompt_length={cfg.max_prompt_length})")
+        warnings.append(f"{report.dropped_overlong} {noun} dropped for length (max_seq_length={cfg.max_seq_length}, "
+                        f"max_prompt_length={getattr(cfg, 'max_prompt_length', None)})")
     for w in warnings:
         log.warning(w)
     # The saved tokenizer must carry the template the model was trained with.
     tokenizer.chat_template = template
-    fingerprint = _save_pairs(parts, train, eval_, {
+    fingerprint = cache.save_entry(parts, train, eval_, {
         "report": {k: getattr(report, k)
                    for k in ("total_rows", "kept", "skipped_invalid", "truncated", "dropped_overlong")},
         "formats": fmts, "chat_template": template, "warnings": warnings,
-    })
+    }, pack=store.pack, suffix=store.suffix, what=store.what)
     if report.issues:
         log.warning("%d rows were skipped or changed; first ones:\n%s", len(report.issues),
                     validate.format_report(report, max_issues=5))
-    return PreferenceData(train, eval_, report, fmts, fingerprint, False, template, warnings)
+    return data_class(train, eval_, report, fmts, fingerprint, False, template, warnings)
 
 
 def pairs_digest(pairs: list[TokenizedPair] | None) -> str:
@@ -258,12 +280,7 @@ def _unpack(arrays, prefix: str, sources: list) -> list[TokenizedPair]:
             for pr, ch, rj, src in zip(parts["prompt"], parts["chosen"], parts["rejected"], sources)]
 
 
-def _save_pairs(parts: dict, train, eval_, meta: dict) -> str:
-    return cache.save_entry(parts, train, eval_, meta, pack=_pack, suffix=".pairs", what="tokenised-pairs")
-
-
-def _load_pairs(parts: dict):
-    return cache.load_entry(parts, unpack=_unpack, suffix=".pairs", what="tokenised pairs")
+PAIR_STORE = TokenStore(".pairs", PAIR_CACHE_VERSION, _pack, _unpack, "tokenised-pairs")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,41 +460,52 @@ def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int =
     `ref_train` / `ref_eval` ([pairs, 2] arrays, pair order) add precomputed reference log-probs;
     `layout` is one of PAIR_LAYOUTS (pair_layout chooses it)."""
     layout_batch = pair_collator(cfg, tokenizer, layout)
-    train, bsz = data.train, cfg.per_device_train_batch_size
+    padded = layout == "padded"
+    # regroup_by_tokens counts a padded pair as rows_per_item rows of its width.
+    lengths = [layout_tokens(p, layout) // (2 if padded else 1) for p in data.train]
+    return make_item_plans(cfg, data.train, data.eval, lambda items, idx, ref: layout_batch([items[i] for i in idx], ref),
+                           lengths=lengths, padded=padded, rows_per_item=2, noun="pair", rank=rank, world=world,
+                           ref_train=ref_train, ref_eval=ref_eval)
+
+
+def make_item_plans(cfg: TrainStageConfig, train: list, eval_: list | None, collate: Callable, *, lengths: list[int],
+                    padded: bool, rows_per_item: int, noun: str, rank: int = 0, world: int = 1,
+                    ref_train: np.ndarray | None = None, ref_eval: np.ndarray | None = None):
+    """(train_plan, eval_plan) over any tokenised items (pairs, unpaired examples): train micro-batches of
+    per_device_train_batch_size items in a deterministic shuffle per epoch (seed + epoch), eval batches in
+    order and split by rank. `collate(items, idx, ref)` makes the tensors of items[idx] (`ref`: those rows of
+    ref_train / ref_eval, or None); `lengths` are each train item's tokens per row for micro_batch_tokens
+    (padded: the width of one of its `rows_per_item` rows)."""
+    bsz = cfg.per_device_train_batch_size
 
     def epoch_batches(epoch: int) -> list[list[int]]:
         order = _shuffled(len(train), cfg.seed + epoch)
         return [order[s:s + bsz] for s in range(0, len(order), bsz)]
 
-    def collate(idx: list[int]) -> dict:
-        return layout_batch([train[i] for i in idx], None if ref_train is None else ref_train[idx])
-
-    def describe(idx: list[int]) -> list[str]:
-        return [str(train[i].source) if train[i].source else f"pair {i}" for i in idx]
+    def describe(items: list, what: str):
+        return lambda idx: [str(items[i].source) if items[i].source else f"{what} {i}" for i in idx]
 
     regroup = None
-    budget = token_budget(cfg.micro_batch_tokens, bsz, cfg.max_seq_length, rows_per_item=2)
+    budget = token_budget(cfg.micro_batch_tokens, bsz, cfg.max_seq_length, rows_per_item=rows_per_item)
     if budget:
-        padded = layout == "padded"
-        # regroup_by_tokens counts a padded pair as rows_per_item rows of its width.
-        lengths = [layout_tokens(p, layout) // (2 if padded else 1) for p in train]
         regroup = functools.partial(regroup_by_tokens, lengths=lengths, budget=budget, padded=padded,
-                                    rows_per_item=2)
+                                    rows_per_item=rows_per_item)
 
-    train_plan = BatchPlan(epoch_batches, collate, describe, regroup)
+    train_plan = BatchPlan(epoch_batches,
+                           lambda idx: collate(train, idx, None if ref_train is None else ref_train[idx]),
+                           describe(train, noun), regroup)
     eval_plan = None
-    if data.eval:
-        ev, ebsz = data.eval, cfg.per_device_eval_batch_size
-        eval_batches = [list(range(s, min(s + ebsz, len(ev)))) for s in range(0, len(ev), ebsz)][rank::world]
-        eval_plan = BatchPlan(
-            lambda epoch: eval_batches,
-            lambda idx: layout_batch([ev[i] for i in idx], None if ref_eval is None else ref_eval[idx]),
-            lambda idx: [str(ev[i].source) if ev[i].source else f"eval pair {i}" for i in idx],
-        )
+    if eval_:
+        ebsz = cfg.per_device_eval_batch_size
+        eval_batches = [list(range(s, min(s + ebsz, len(eval_)))) for s in range(0, len(eval_), ebsz)][rank::world]
+        eval_plan = BatchPlan(lambda epoch: eval_batches,
+                              lambda idx: collate(eval_, idx, None if ref_eval is None else ref_eval[idx]),
+                              describe(eval_, f"eval {noun}"))
     return train_plan, eval_plan
 
 
-__all__ = ["PreferenceData", "build_preference_data", "make_pair_plans", "collate_pairs", "collate_pairs_packed",
+__all__ = ["PreferenceData", "build_preference_data", "build_tokenised", "TokenStore", "PAIR_STORE", "make_pair_plans",
+           "make_item_plans", "collate_pairs", "collate_pairs_packed",
            "collate_pairs_shared", "pair_layout", "pair_collator", "layout_tokens", "PAIR_LAYOUTS",
            "pair_as_example",
            "fit_pair", "tokenize_pairs", "pairs_digest", "pair_tokens"]
