@@ -292,6 +292,12 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, ref: np.ndarray
     if not pairs:
         raise ValueError("cannot collate an empty batch")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return _with_reference(dict(padded_rows(rows, pad_token_id), pairs=len(pairs)), ref)
+
+
+def padded_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
+    """input_ids, attention_mask, completion_mask [rows, T] of (prompt, completion) token lists, right-padded:
+    the padded layout every preference-like batch shares."""
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -301,9 +307,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, ref: np.ndarray
         input_ids[r, :m] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
         attention_mask[r, :m] = 1
         completion_mask[r, n:m] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-             "pairs": len(pairs)}
-    return _with_reference(batch, ref)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
 def collate_pairs_packed(pairs: list[TokenizedPair], ref: np.ndarray | None = None) -> dict:
@@ -505,7 +509,7 @@ def make_item_plans(cfg: TrainStageConfig, train: list, eval_: list | None, coll
 
 
 __all__ = ["PreferenceData", "build_preference_data", "build_tokenised", "TokenStore", "PAIR_STORE", "make_pair_plans",
-           "make_item_plans", "collate_pairs", "collate_pairs_packed",
+           "make_item_plans", "padded_rows", "collate_pairs", "collate_pairs_packed",
            "collate_pairs_shared", "pair_layout", "pair_collator", "layout_tokens", "PAIR_LAYOUTS",
            "pair_as_example",
            "fit_pair", "tokenize_pairs", "pairs_digest", "pair_tokens"]
