@@ -141,7 +141,7 @@ def fit_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int | None
                         f"max_seq_length={max_length}; set max_prompt_length below max_seq_length", pair.source)
     if len(chosen) > room or len(rejected) > room:
         chosen, rejected, cut = chosen[:room], rejected[:room], True
-    return TokenizedPair(prompt, chosen, rejected, pair.source), cut
+    return TokenizedPair(prompt, chosen, rejected, pair.source, pair.margin), cut
 
 
 def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
@@ -154,6 +154,8 @@ def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, re
                             hint="give preference data (e.g. prompt/chosen/rejected), or train it in an sft stage")
         try:
             pair = masking.tokenize_preference(ex, tokenizer, template)
+            if ex.score_chosen is not None and ex.score_rejected is not None:
+                pair.margin = float(ex.score_chosen) - float(ex.score_rejected)
         except DataError as e:
             e = e if e.source is not None else DataError(e.reason, ex.source, e.key)
             if cfg.on_invalid == "error":
@@ -267,6 +269,7 @@ def _pack(pairs: list[TokenizedPair], prefix: str) -> dict:
         seqs = [getattr(p, f"{part}_ids") for p in pairs]
         out[f"{prefix}_{part}_ids"] = np.asarray([t for s in seqs for t in s], dtype=np.int64)
         out[f"{prefix}_{part}_lengths"] = np.asarray([len(s) for s in seqs], dtype=np.int64)
+    out[f"{prefix}_margin"] = np.asarray([np.nan if p.margin is None else p.margin for p in pairs], dtype=np.float64)
     return out
 
 
@@ -276,8 +279,10 @@ def _unpack(arrays, prefix: str, sources: list) -> list[TokenizedPair]:
         ids, lengths = arrays[f"{prefix}_{part}_ids"], arrays[f"{prefix}_{part}_lengths"]
         ends = np.cumsum(lengths)
         parts[part] = [ids[e - n:e].tolist() for n, e in zip(lengths.tolist(), ends.tolist())]
-    return [TokenizedPair(pr, ch, rj, Source(*src) if src else None)
-            for pr, ch, rj, src in zip(parts["prompt"], parts["chosen"], parts["rejected"], sources)]
+    # Entries written before margins were kept have none.
+    margins = arrays[f"{prefix}_margin"].tolist() if f"{prefix}_margin" in arrays else [np.nan] * len(sources)
+    return [TokenizedPair(pr, ch, rj, Source(*src) if src else None, None if np.isnan(m) else m)
+            for pr, ch, rj, src, m in zip(parts["prompt"], parts["chosen"], parts["rejected"], sources, margins)]
 
 
 PAIR_STORE = TokenStore(".pairs", PAIR_CACHE_VERSION, _pack, _unpack, "tokenised-pairs")
