@@ -47,7 +47,7 @@ import functools
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -55,7 +55,7 @@ import torch
 
 from lmpipeline.config.schema import DPOConfig, TrainStageConfig, token_budget
 from lmpipeline.data import cache, masking, validate
-from lmpipeline.data.build import _key, chat_template_for, load_examples
+from lmpipeline.data.build import TokenizedData, _key, chat_template_for, load_examples
 from lmpipeline.data.packing import regroup_by_tokens
 from lmpipeline.data.types import (
     IGNORE_INDEX,
@@ -75,36 +75,20 @@ log = logging.getLogger(__name__)
 PAIR_CACHE_VERSION = 1
 
 
-@dataclass
-class PreferenceData:
+class PreferenceData(TokenizedData):
     train: list[TokenizedPair]
     eval: list[TokenizedPair] | None
-    report: DataReport
-    formats: list[str] = field(default_factory=list)
-    fingerprint: str = ""
-    cache_hit: bool = False
-    chat_template: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         ev = f", {len(self.eval)} eval" if self.eval is not None else ""
-        return (f"{len(self.train)} train pairs{ev} ({pair_tokens(self.train):,} tokens); format "
-                f"{'+'.join(self.formats)}; {self.report.summary()}; cache {'hit' if self.cache_hit else 'miss'}")
+        return self._summary(f"{len(self.train)} train pairs{ev} ({pair_tokens(self.train):,} tokens)")
 
     def describe(self) -> dict:
-        return {
-            "formats": self.formats,
-            "fingerprint": self.fingerprint,
-            "cache_hit": self.cache_hit,
+        return self._describe({
             "train_pairs": len(self.train),
             "eval_pairs": len(self.eval) if self.eval is not None else 0,
             "train_tokens": pair_tokens(self.train),
-            "rows_read": self.report.total_rows,
-            "invalid_skipped": self.report.skipped_invalid,
-            "truncated": self.report.truncated,
-            "overlong_dropped": self.report.dropped_overlong,
-            "warnings": self.warnings,
-        }
+        })
 
 
 def pair_tokens(pairs: list[TokenizedPair]) -> int:
@@ -146,16 +130,38 @@ def fit_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int | None
 
 def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
     """Tokenise every example, apply on_overlong and count what it touched."""
-    out = []
     for ex in examples:
         if not isinstance(ex, PreferenceExample):
             raise UserError(f"{ex.source}: {type(ex).__name__} rows are not preference pairs; a dpo stage needs "
                             "rows with a prompt and chosen/rejected replies", key=_key(cfg, "dataset_name_or_path"),
                             hint="give preference data (e.g. prompt/chosen/rejected), or train it in an sft stage")
+
+    def tokenize(ex: PreferenceExample) -> TokenizedPair:
+        pair = masking.tokenize_preference(ex, tokenizer, template)
+        if ex.score_chosen is not None and ex.score_rejected is not None:
+            pair.margin = float(ex.score_chosen) - float(ex.score_rejected)
+        return pair
+
+    def fit(pair: TokenizedPair) -> tuple[TokenizedPair, bool]:
+        pair, cut = fit_pair(pair, cfg.max_seq_length, getattr(cfg, "max_prompt_length", None))
+        if pair.chosen_ids == pair.rejected_ids:
+            raise DataError("chosen and rejected are identical after truncation to "
+                            f"{len(pair.chosen_ids)} completion tokens", pair.source)
+        return pair, cut
+
+    return tokenize_with_policy(examples, cfg, report, tokenize=tokenize, fit=fit, what="pair",
+                                longest=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
+
+
+def tokenize_with_policy(examples, cfg: TrainStageConfig, report: DataReport, *, tokenize: Callable, fit: Callable,
+                         longest: Callable, what: str) -> list:
+    """`tokenize(example)` each example (DataError: unusable, under on_invalid), then on_overlong against
+    max_seq_length by `longest(item)`, then `fit(item) -> (item, cut)` (DataError: cut to nothing usable,
+    counted as dropped for length); every outcome is counted in `report`. Items carry prompt_ids."""
+    out = []
+    for ex in examples:
         try:
-            pair = masking.tokenize_preference(ex, tokenizer, template)
-            if ex.score_chosen is not None and ex.score_rejected is not None:
-                pair.margin = float(ex.score_chosen) - float(ex.score_rejected)
+            item = tokenize(ex)
         except DataError as e:
             e = e if e.source is not None else DataError(e.reason, ex.source, e.key)
             if cfg.on_invalid == "error":
@@ -164,25 +170,22 @@ def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, re
             report.issues.append(e)
             report.skipped_invalid += 1
             continue
-        longest = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
-        if longest > cfg.max_seq_length and cfg.on_overlong == "error":
-            raise UserError(f"{ex.source}: pair is {longest} tokens (prompt {len(pair.prompt_ids)}), over "
+        tokens = longest(item)
+        if tokens > cfg.max_seq_length and cfg.on_overlong == "error":
+            raise UserError(f"{ex.source}: {what} is {tokens} tokens (prompt {len(item.prompt_ids)}), over "
                             f"max_seq_length={cfg.max_seq_length}", key=_key(cfg, "on_overlong"),
                             hint="raise max_seq_length, or use on_overlong: truncate|drop")
-        if longest > cfg.max_seq_length and cfg.on_overlong == "drop":
+        if tokens > cfg.max_seq_length and cfg.on_overlong == "drop":
             report.dropped_overlong += 1
             continue
         try:
-            pair, cut = fit_pair(pair, cfg.max_seq_length, getattr(cfg, "max_prompt_length", None))
-            if pair.chosen_ids == pair.rejected_ids:
-                raise DataError("chosen and rejected are identical after truncation to "
-                                f"{len(pair.chosen_ids)} completion tokens", ex.source)
+            item, cut = fit(item)
         except DataError as e:  # cut to nothing usable by the length limits: counted as dropped for length
-            report.issues.append(e)
+            report.issues.append(e if e.source is not None else DataError(e.reason, ex.source, e.key))
             report.dropped_overlong += 1
             continue
         report.truncated += int(cut)
-        out.append(pair)
+        out.append(item)
     return out
 
 
@@ -514,7 +517,7 @@ def make_item_plans(cfg: TrainStageConfig, train: list, eval_: list | None, coll
 
 
 __all__ = ["PreferenceData", "build_preference_data", "build_tokenised", "TokenStore", "PAIR_STORE", "make_pair_plans",
-           "make_item_plans", "padded_rows", "collate_pairs", "collate_pairs_packed",
+           "make_item_plans", "padded_rows", "tokenize_with_policy", "collate_pairs", "collate_pairs_packed",
            "collate_pairs_shared", "pair_layout", "pair_collator", "layout_tokens", "PAIR_LAYOUTS",
            "pair_as_example",
            "fit_pair", "tokenize_pairs", "pairs_digest", "pair_tokens"]

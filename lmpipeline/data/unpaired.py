@@ -34,15 +34,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.data import masking
-from lmpipeline.data.build import _key
-from lmpipeline.data.preference import TokenStore, build_tokenised, make_item_plans, padded_rows, tokenize_pairs
+from lmpipeline.data.build import TokenizedData, _key
+from lmpipeline.data.preference import (
+    TokenStore,
+    build_tokenised,
+    make_item_plans,
+    padded_rows,
+    tokenize_pairs,
+    tokenize_with_policy,
+)
 from lmpipeline.data.types import (
     DataError,
     DataReport,
@@ -69,41 +76,25 @@ class TokenizedUnpaired:
     source: Source | None = None
 
 
-@dataclass
-class UnpairedData:
+class UnpairedData(TokenizedData):
     train: list[TokenizedUnpaired]
     eval: list[TokenizedUnpaired] | None
-    report: DataReport
-    formats: list[str] = field(default_factory=list)
-    fingerprint: str = ""
-    cache_hit: bool = False
-    chat_template: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         desirable = sum(e.label for e in self.train)
         ev = f", {len(self.eval)} eval" if self.eval is not None else ""
-        return (f"{len(self.train)} train examples ({desirable} desirable, {len(self.train) - desirable} "
-                f"undesirable){ev}; format {'+'.join(self.formats)}; {self.report.summary()}; "
-                f"cache {'hit' if self.cache_hit else 'miss'}")
+        return self._summary(f"{len(self.train)} train examples ({desirable} desirable, "
+                             f"{len(self.train) - desirable} undesirable){ev}")
 
     def describe(self) -> dict:
         desirable = sum(e.label for e in self.train)
-        return {
-            "formats": self.formats,
-            "fingerprint": self.fingerprint,
-            "cache_hit": self.cache_hit,
+        return self._describe({
             "train_examples": len(self.train),
             "train_desirable": desirable,
             "train_undesirable": len(self.train) - desirable,
             "eval_examples": len(self.eval) if self.eval is not None else 0,
             "train_tokens": sum(len(e.prompt_ids) + len(e.completion_ids) for e in self.train),
-            "rows_read": self.report.total_rows,
-            "invalid_skipped": self.report.skipped_invalid,
-            "truncated": self.report.truncated,
-            "overlong_dropped": self.report.dropped_overlong,
-            "warnings": self.warnings,
-        }
+        })
 
 
 def unpaired_as_example(item: TokenizedUnpaired) -> TokenizedExample:
@@ -143,40 +134,17 @@ def tokenize_unpaired(examples, cfg: TrainStageConfig, tokenizer, template: str,
     """KTO rows, then the pairs' chosen (desirable) and then their rejected (undesirable) completions,
     with on_invalid and on_overlong applied and counted."""
     pairs = [ex for ex in examples if isinstance(ex, PreferenceExample)]
-    out = []
-    for ex in examples:
-        if isinstance(ex, PreferenceExample):
-            continue
+    rows = [ex for ex in examples if not isinstance(ex, PreferenceExample)]
+    for ex in rows:
         if not isinstance(ex, KTOExample):
             raise UserError(f"{ex.source}: {type(ex).__name__} rows are not preference data; a kto stage needs "
                             "rows with a prompt, a completion and a label (or preference pairs)",
                             key=_key(cfg, "dataset_name_or_path"),
                             hint="give KTO rows (prompt/completion/label) or preference pairs (prompt/chosen/rejected)")
-        try:
-            item = tokenize_kto_example(ex, tokenizer, template)
-        except DataError as e:
-            if cfg.on_invalid == "error":
-                raise UserError(str(e), key=_key(cfg, "dataset_name_or_path"), hint="fix the row, or set "
-                                "on_invalid: skip to drop such rows (they are counted)") from None
-            report.issues.append(e)
-            report.skipped_invalid += 1
-            continue
-        longest = len(item.prompt_ids) + len(item.completion_ids)
-        if longest > cfg.max_seq_length and cfg.on_overlong == "error":
-            raise UserError(f"{ex.source}: example is {longest} tokens (prompt {len(item.prompt_ids)}), over "
-                            f"max_seq_length={cfg.max_seq_length}", key=_key(cfg, "on_overlong"),
-                            hint="raise max_seq_length, or use on_overlong: truncate|drop")
-        if longest > cfg.max_seq_length and cfg.on_overlong == "drop":
-            report.dropped_overlong += 1
-            continue
-        try:
-            item, cut = fit_unpaired(item, cfg.max_seq_length, getattr(cfg, "max_prompt_length", None))
-        except DataError as e:
-            report.issues.append(e)
-            report.dropped_overlong += 1
-            continue
-        report.truncated += int(cut)
-        out.append(item)
+    max_prompt = getattr(cfg, "max_prompt_length", None)
+    out = tokenize_with_policy(rows, cfg, report, tokenize=lambda ex: tokenize_kto_example(ex, tokenizer, template),
+                               fit=lambda item: fit_unpaired(item, cfg.max_seq_length, max_prompt), what="example",
+                               longest=lambda item: len(item.prompt_ids) + len(item.completion_ids))
     tokenized = tokenize_pairs(pairs, cfg, tokenizer, template, report) if pairs else []
     out += [TokenizedUnpaired(p.prompt_ids, p.chosen_ids, True, p.source) for p in tokenized]
     out += [TokenizedUnpaired(p.prompt_ids, p.rejected_ids, False, p.source) for p in tokenized]
