@@ -115,17 +115,26 @@ def pair_as_example(pair: TokenizedPair, which: str) -> TokenizedExample:
 def fit_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int | None) -> tuple[TokenizedPair, bool]:
     """Truncate a pair to the limits (module docstring); returns (pair, whether anything was cut).
     Raises DataError when the prompt leaves no room for the completions."""
-    prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+    prompt, (chosen, rejected), cut = fit_lengths(pair.prompt_ids, [pair.chosen_ids, pair.rejected_ids], max_length,
+                                                  max_prompt_length, pair.source)
+    return TokenizedPair(prompt, chosen, rejected, pair.source, pair.margin), cut
+
+
+def fit_lengths(prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int | None,
+                source=None) -> tuple[list[int], list[list[int]], bool]:
+    """(prompt, completions, whether anything was cut) within the limits: the prompt keeps its last
+    max_prompt_length tokens, each completion its first max_length - len(prompt). DataError (with `source`)
+    when the prompt leaves no room."""
     cut = False
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt, cut = prompt[len(prompt) - max_prompt_length:], True
     room = max_length - len(prompt)
     if room < 1:
         raise DataError(f"the prompt is {len(prompt)} tokens, leaving no room for the completions within "
-                        f"max_seq_length={max_length}; set max_prompt_length below max_seq_length", pair.source)
-    if len(chosen) > room or len(rejected) > room:
-        chosen, rejected, cut = chosen[:room], rejected[:room], True
-    return TokenizedPair(prompt, chosen, rejected, pair.source, pair.margin), cut
+                        f"max_seq_length={max_length}; set max_prompt_length below max_seq_length", source)
+    if any(len(c) > room for c in completions):
+        completions, cut = [c[:room] for c in completions], True
+    return prompt, completions, cut
 
 
 def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
@@ -517,7 +526,7 @@ def make_item_plans(cfg: TrainStageConfig, train: list, eval_: list | None, coll
 
 
 __all__ = ["PreferenceData", "build_preference_data", "build_tokenised", "TokenStore", "PAIR_STORE", "make_pair_plans",
-           "make_item_plans", "padded_rows", "tokenize_with_policy", "collate_pairs", "collate_pairs_packed",
+           "make_item_plans", "padded_rows", "tokenize_with_policy", "fit_lengths", "collate_pairs", "collate_pairs_packed",
            "collate_pairs_shared", "pair_layout", "pair_collator", "layout_tokens", "PAIR_LAYOUTS",
            "pair_as_example",
            "fit_pair", "tokenize_pairs", "pairs_digest", "pair_tokens"]

@@ -45,6 +45,7 @@ from lmpipeline.data.build import TokenizedData, _key
 from lmpipeline.data.preference import (
     TokenStore,
     build_tokenised,
+    fit_lengths,
     make_item_plans,
     padded_rows,
     tokenize_pairs,
@@ -111,15 +112,8 @@ def fit_unpaired(item: TokenizedUnpaired, max_length: int,
                  max_prompt_length: int | None) -> tuple[TokenizedUnpaired, bool]:
     """Truncate to the limits (module docstring); (item, whether anything was cut). DataError when the
     prompt leaves no room for the completion."""
-    prompt, completion, cut = item.prompt_ids, item.completion_ids, False
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt, cut = prompt[len(prompt) - max_prompt_length:], True
-    room = max_length - len(prompt)
-    if room < 1:
-        raise DataError(f"the prompt is {len(prompt)} tokens, leaving no room for the completion within "
-                        f"max_seq_length={max_length}; set max_prompt_length below max_seq_length", item.source)
-    if len(completion) > room:
-        completion, cut = completion[:room], True
+    prompt, (completion,), cut = fit_lengths(item.prompt_ids, [item.completion_ids], max_length, max_prompt_length,
+                                             item.source)
     return TokenizedUnpaired(prompt, completion, item.label, item.source), cut
 
 

@@ -217,38 +217,27 @@ def _compare(trainer, objective, batch):
 
 
 @pytest.mark.integration
-def test_matches_trl_kto_trainer_lora(tiny_model, quickstart_data, tmp_path):
+@pytest.mark.parametrize("reference", ["adapter_disabled", "frozen_copy"], ids=["lora", "full"])
+def test_matches_trl_kto_trainer(tiny_model, quickstart_data, tmp_path, reference):
     pytest.importorskip("trl")
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     batch, tok = _parity_batch(tiny_model, quickstart_data, tmp_path)
-    trainer = _trl_trainer(tiny_model, tmp_path, AutoModelForCausalLM.from_pretrained(tiny_model), tok,
-                           peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    try:
-        lora_on(trainer.model, seed=0)  # a seed whose mismatched rows give z0 > 0 (not clamped)
-        objective = KTOObjective(0.1, 1.3, 0.7, reference="adapter_disabled")
-        diffs = _compare(trainer, objective, batch)
-        assert max(diffs.values()) < 1e-4, diffs
-    finally:
-        reset_accelerate()
-
-
-@pytest.mark.integration
-def test_matches_trl_kto_trainer_full(tiny_model, quickstart_data, tmp_path):
-    pytest.importorskip("trl")
-    from transformers import AutoModelForCausalLM
-
-    batch, tok = _parity_batch(tiny_model, quickstart_data, tmp_path)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model)
-    torch.manual_seed(0)  # a seed whose mismatched rows give z0 > 0 (not clamped)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    trainer = _trl_trainer(tiny_model, tmp_path, policy, tok, ref_model=ref)
+    if reference == "adapter_disabled":
+        trainer = _trl_trainer(tiny_model, tmp_path, policy, tok,
+                               peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        lora_on(trainer.model, seed=0)  # a seed whose mismatched rows give z0 > 0 (not clamped)
+        objective = KTOObjective(0.1, 1.3, 0.7, reference=reference)
+    else:
+        torch.manual_seed(0)  # a seed whose mismatched rows give z0 > 0 (not clamped)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        trainer = _trl_trainer(tiny_model, tmp_path, policy, tok, ref_model=AutoModelForCausalLM.from_pretrained(tiny_model))
+        objective = KTOObjective(0.1, 1.3, 0.7, reference=reference, ref_model=trainer.ref_model)
     try:
-        objective = KTOObjective(0.1, 1.3, 0.7, reference="frozen_copy", ref_model=trainer.ref_model)
         diffs = _compare(trainer, objective, batch)
         assert max(diffs.values()) < 1e-4, diffs
     finally:
