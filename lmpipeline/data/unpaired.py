@@ -52,7 +52,6 @@ from lmpipeline.data.preference import (
     tokenize_with_policy,
 )
 from lmpipeline.data.types import (
-    DataError,
     DataReport,
     KTOExample,
     PreferenceExample,

@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 
-from lmpipeline.config.schema import DPOConfig
 from lmpipeline.data.preference import build_preference_data
 from lmpipeline.data.types import TokenizedPair
 from lmpipeline.errors import UserError
@@ -31,7 +30,6 @@ from lmpipeline.methods.rm import (
 )
 
 from tests.unit.methods.prefs_util import (
-    heldout_pair_accuracy,
     one_thread,  # noqa: F401  (autouse fixture)
     quickstart_pairs,
     reset_accelerate,
