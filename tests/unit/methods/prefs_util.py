@@ -40,7 +40,7 @@ def lora_on(model, seed: int = 3, std: float = 0.2) -> None:
 
 
 def tiny_lora(tiny_model, cfg, *, auto_class=None, task_type: str = "CAUSAL_LM", **model_kwargs):
-    from lmpipeline.methods.dpo import disable_dropout
+    from lmpipeline.methods.reference import disable_dropout
     from lmpipeline.models import loading
 
     model = loading.load_model(str(tiny_model), cfg, auto_class=auto_class, **model_kwargs)
