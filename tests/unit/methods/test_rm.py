@@ -178,7 +178,7 @@ def test_reward_model_learns_heldout_right_from_wrong(tiny_model, quickstart_dat
     """The held-out Bradley-Terry loss falls clearly below its chance value ln 2 (the DPO test's bound).
 
     Accuracy is reported, not asserted at 0.8: from the untrained tiny model a run this short reaches about
-    0.55-0.6 on the quickstart's held-out pairs (most need arithmetic the model has not learnt to check),
+    0.55-0.6 on the quickstart's held-out pairs (many need arithmetic or list checks the model has not learnt),
     while its loss falls steadily."""
     from transformers import AutoTokenizer
 
