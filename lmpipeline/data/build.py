@@ -34,9 +34,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTData:
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample] | None
+class TokenizedData:
+    """A stage's tokenised train (and eval) items with what happened to the rows: what SFT examples,
+    preference pairs and unpaired examples share."""
+
+    train: list
+    eval: list | None
     report: DataReport
     formats: list[str] = field(default_factory=list)
     fingerprint: str = ""
@@ -44,28 +47,41 @@ class SFTData:
     chat_template: str | None = None
     warnings: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        ev = f", {len(self.eval)} eval" if self.eval is not None else ""
-        tokens = sum(len(e) for e in self.train)
-        trained = sum(e.num_trained for e in self.train)
-        return (f"{len(self.train)} train examples{ev} ({tokens:,} tokens, {trained:,} trained); format "
-                f"{'+'.join(self.formats)}; {self.report.summary()}; cache {'hit' if self.cache_hit else 'miss'}")
+    def _summary(self, items: str) -> str:
+        return (f"{items}; format {'+'.join(self.formats)}; {self.report.summary()}; "
+                f"cache {'hit' if self.cache_hit else 'miss'}")
 
-    def describe(self) -> dict:
+    def _describe(self, counts: dict) -> dict:
         return {
             "formats": self.formats,
             "fingerprint": self.fingerprint,
             "cache_hit": self.cache_hit,
-            "train_examples": len(self.train),
-            "eval_examples": len(self.eval) if self.eval is not None else 0,
-            "train_tokens": sum(len(e) for e in self.train),
-            "trained_tokens": sum(e.num_trained for e in self.train),
+            **counts,
             "rows_read": self.report.total_rows,
             "invalid_skipped": self.report.skipped_invalid,
             "truncated": self.report.truncated,
             "overlong_dropped": self.report.dropped_overlong,
             "warnings": self.warnings,
         }
+
+
+class SFTData(TokenizedData):
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample] | None
+
+    def summary(self) -> str:
+        ev = f", {len(self.eval)} eval" if self.eval is not None else ""
+        tokens = sum(len(e) for e in self.train)
+        trained = sum(e.num_trained for e in self.train)
+        return self._summary(f"{len(self.train)} train examples{ev} ({tokens:,} tokens, {trained:,} trained)")
+
+    def describe(self) -> dict:
+        return self._describe({
+            "train_examples": len(self.train),
+            "eval_examples": len(self.eval) if self.eval is not None else 0,
+            "train_tokens": sum(len(e) for e in self.train),
+            "trained_tokens": sum(e.num_trained for e in self.train),
+        })
 
 
 def _key(cfg: TrainStageConfig, name: str) -> str:

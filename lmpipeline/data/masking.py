@@ -89,6 +89,7 @@ __all__ = [
     "tokenize_text",
     "tokenize_completion",
     "tokenize_preference",
+    "tokenize_prompt_completions",
     "apply_overlong",
     "check_trained_tokens",
     "render_tokens",
@@ -439,33 +440,9 @@ def tokenize_preference(
     first max_length - len(prompt) tokens. A prompt that leaves no room raises DataError (the caller
     counts and drops it).
     """
-    try:
-        eot = end_of_turn if end_of_turn is not None else end_of_turn_token(chat_template, tokenizer)
-        if not example.prompt:
-            raise DataError("the preference pair has no prompt messages")
-        _check_template_reads(example.prompt + example.chosen + example.rejected, example.tools, chat_template)
-        prompt_text = render(
-            tokenizer, chat_template, example.prompt, add_generation_prompt=True, tools=example.tools
-        )
-        prompt_ids = _encode(tokenizer, prompt_text)
-        completions = []
-        for which, messages in (("chosen", example.chosen), ("rejected", example.rejected)):
-            if not messages:
-                raise DataError(f"the {which} completion is empty")
-            full = render(tokenizer, chat_template, example.prompt + messages, tools=example.tools)
-            if not full.startswith(prompt_text):
-                raise _prefix_error("the prompt rendered with the generation prompt", prompt_text,
-                                    f"the prompt followed by the {which} messages", full)
-            start = len(prompt_text)
-            end = _completion_end(full, start, eot, which)
-            ids = _encode(tokenizer, full[:end])
-            if ids[: len(prompt_ids)] == prompt_ids:
-                completions.append(ids[len(prompt_ids) :])
-            else:  # a token straddles the prompt/completion boundary: tokenise the completion alone
-                completions.append(_encode(tokenizer, full[start:end]))
-    except DataError as e:
-        _reraise(e, example.source)
-    chosen_ids, rejected_ids = completions
+    prompt_ids, (chosen_ids, rejected_ids) = tokenize_prompt_completions(
+        example.prompt, {"chosen": example.chosen, "rejected": example.rejected}, tokenizer, chat_template,
+        tools=example.tools, source=example.source, end_of_turn=end_of_turn)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
     if max_length is not None:
@@ -479,6 +456,46 @@ def tokenize_preference(
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
     return TokenizedPair(prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids,
                          source=example.source)
+
+
+def tokenize_prompt_completions(
+    prompt: list[dict],
+    completions: dict[str, list[dict]],
+    tokenizer: Any,
+    chat_template: str,
+    *,
+    tools: list[dict] | None = None,
+    source=None,
+    end_of_turn: str | None = None,
+) -> tuple[list[int], list[list[int]]]:
+    """(prompt tokens rendered with the generation prompt, each completion's tokens: content + end of
+    turn), for the named completions of one prompt (a preference pair's chosen/rejected, a KTO row's one
+    completion). The names only label errors. Raises DataError, with `source`."""
+    try:
+        eot = end_of_turn if end_of_turn is not None else end_of_turn_token(chat_template, tokenizer)
+        if not prompt:
+            raise DataError("the preference pair has no prompt messages")
+        _check_template_reads(prompt + [m for ms in completions.values() for m in ms], tools, chat_template)
+        prompt_text = render(tokenizer, chat_template, prompt, add_generation_prompt=True, tools=tools)
+        prompt_ids = _encode(tokenizer, prompt_text)
+        out = []
+        for which, messages in completions.items():
+            if not messages:
+                raise DataError(f"the {which} completion is empty")
+            full = render(tokenizer, chat_template, prompt + messages, tools=tools)
+            if not full.startswith(prompt_text):
+                raise _prefix_error("the prompt rendered with the generation prompt", prompt_text,
+                                    f"the prompt followed by the {which} messages", full)
+            start = len(prompt_text)
+            end = _completion_end(full, start, eot, which)
+            ids = _encode(tokenizer, full[:end])
+            if ids[: len(prompt_ids)] == prompt_ids:
+                out.append(ids[len(prompt_ids) :])
+            else:  # a token straddles the prompt/completion boundary: tokenise the completion alone
+                out.append(_encode(tokenizer, full[start:end]))
+    except DataError as e:
+        _reraise(e, source)
+    return prompt_ids, out
 
 
 def _completion_end(full: str, start: int, eot: str | None, which: str) -> int:

@@ -47,14 +47,15 @@ import functools
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from lmpipeline.config.schema import DPOConfig, token_budget
+from lmpipeline.config.schema import DPOConfig, TrainStageConfig, token_budget
 from lmpipeline.data import cache, masking, validate
-from lmpipeline.data.build import _key, chat_template_for, load_examples
+from lmpipeline.data.build import TokenizedData, _key, chat_template_for, load_examples
 from lmpipeline.data.packing import regroup_by_tokens
 from lmpipeline.data.types import (
     IGNORE_INDEX,
@@ -74,36 +75,20 @@ log = logging.getLogger(__name__)
 PAIR_CACHE_VERSION = 1
 
 
-@dataclass
-class PreferenceData:
+class PreferenceData(TokenizedData):
     train: list[TokenizedPair]
     eval: list[TokenizedPair] | None
-    report: DataReport
-    formats: list[str] = field(default_factory=list)
-    fingerprint: str = ""
-    cache_hit: bool = False
-    chat_template: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         ev = f", {len(self.eval)} eval" if self.eval is not None else ""
-        return (f"{len(self.train)} train pairs{ev} ({pair_tokens(self.train):,} tokens); format "
-                f"{'+'.join(self.formats)}; {self.report.summary()}; cache {'hit' if self.cache_hit else 'miss'}")
+        return self._summary(f"{len(self.train)} train pairs{ev} ({pair_tokens(self.train):,} tokens)")
 
     def describe(self) -> dict:
-        return {
-            "formats": self.formats,
-            "fingerprint": self.fingerprint,
-            "cache_hit": self.cache_hit,
+        return self._describe({
             "train_pairs": len(self.train),
             "eval_pairs": len(self.eval) if self.eval is not None else 0,
             "train_tokens": pair_tokens(self.train),
-            "rows_read": self.report.total_rows,
-            "invalid_skipped": self.report.skipped_invalid,
-            "truncated": self.report.truncated,
-            "overlong_dropped": self.report.dropped_overlong,
-            "warnings": self.warnings,
-        }
+        })
 
 
 def pair_tokens(pairs: list[TokenizedPair]) -> int:
@@ -130,29 +115,62 @@ def pair_as_example(pair: TokenizedPair, which: str) -> TokenizedExample:
 def fit_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int | None) -> tuple[TokenizedPair, bool]:
     """Truncate a pair to the limits (module docstring); returns (pair, whether anything was cut).
     Raises DataError when the prompt leaves no room for the completions."""
-    prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+    prompt, (chosen, rejected), cut = fit_lengths(pair.prompt_ids, [pair.chosen_ids, pair.rejected_ids], max_length,
+                                                  max_prompt_length, pair.source)
+    return TokenizedPair(prompt, chosen, rejected, pair.source, pair.margin), cut
+
+
+def fit_lengths(prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int | None,
+                source=None) -> tuple[list[int], list[list[int]], bool]:
+    """(prompt, completions, whether anything was cut) within the limits: the prompt keeps its last
+    max_prompt_length tokens, each completion its first max_length - len(prompt). DataError (with `source`)
+    when the prompt leaves no room."""
     cut = False
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt, cut = prompt[len(prompt) - max_prompt_length:], True
     room = max_length - len(prompt)
     if room < 1:
         raise DataError(f"the prompt is {len(prompt)} tokens, leaving no room for the completions within "
-                        f"max_seq_length={max_length}; set max_prompt_length below max_seq_length", pair.source)
-    if len(chosen) > room or len(rejected) > room:
-        chosen, rejected, cut = chosen[:room], rejected[:room], True
-    return TokenizedPair(prompt, chosen, rejected, pair.source), cut
+                        f"max_seq_length={max_length}; set max_prompt_length below max_seq_length", source)
+    if any(len(c) > room for c in completions):
+        completions, cut = [c[:room] for c in completions], True
+    return prompt, completions, cut
 
 
-def tokenize_pairs(examples, cfg: DPOConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
+def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, report: DataReport) -> list[TokenizedPair]:
     """Tokenise every example, apply on_overlong and count what it touched."""
-    out = []
     for ex in examples:
         if not isinstance(ex, PreferenceExample):
             raise UserError(f"{ex.source}: {type(ex).__name__} rows are not preference pairs; a dpo stage needs "
                             "rows with a prompt and chosen/rejected replies", key=_key(cfg, "dataset_name_or_path"),
                             hint="give preference data (e.g. prompt/chosen/rejected), or train it in an sft stage")
+
+    def tokenize(ex: PreferenceExample) -> TokenizedPair:
+        pair = masking.tokenize_preference(ex, tokenizer, template)
+        if ex.score_chosen is not None and ex.score_rejected is not None:
+            pair.margin = float(ex.score_chosen) - float(ex.score_rejected)
+        return pair
+
+    def fit(pair: TokenizedPair) -> tuple[TokenizedPair, bool]:
+        pair, cut = fit_pair(pair, cfg.max_seq_length, getattr(cfg, "max_prompt_length", None))
+        if pair.chosen_ids == pair.rejected_ids:
+            raise DataError("chosen and rejected are identical after truncation to "
+                            f"{len(pair.chosen_ids)} completion tokens", pair.source)
+        return pair, cut
+
+    return tokenize_with_policy(examples, cfg, report, tokenize=tokenize, fit=fit, what="pair",
+                                longest=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
+
+
+def tokenize_with_policy(examples, cfg: TrainStageConfig, report: DataReport, *, tokenize: Callable, fit: Callable,
+                         longest: Callable, what: str) -> list:
+    """`tokenize(example)` each example (DataError: unusable, under on_invalid), then on_overlong against
+    max_seq_length by `longest(item)`, then `fit(item) -> (item, cut)` (DataError: cut to nothing usable,
+    counted as dropped for length); every outcome is counted in `report`. Items carry prompt_ids."""
+    out = []
+    for ex in examples:
         try:
-            pair = masking.tokenize_preference(ex, tokenizer, template)
+            item = tokenize(ex)
         except DataError as e:
             e = e if e.source is not None else DataError(e.reason, ex.source, e.key)
             if cfg.on_invalid == "error":
@@ -161,67 +179,85 @@ def tokenize_pairs(examples, cfg: DPOConfig, tokenizer, template: str, report: D
             report.issues.append(e)
             report.skipped_invalid += 1
             continue
-        longest = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
-        if longest > cfg.max_seq_length and cfg.on_overlong == "error":
-            raise UserError(f"{ex.source}: pair is {longest} tokens (prompt {len(pair.prompt_ids)}), over "
+        tokens = longest(item)
+        if tokens > cfg.max_seq_length and cfg.on_overlong == "error":
+            raise UserError(f"{ex.source}: {what} is {tokens} tokens (prompt {len(item.prompt_ids)}), over "
                             f"max_seq_length={cfg.max_seq_length}", key=_key(cfg, "on_overlong"),
                             hint="raise max_seq_length, or use on_overlong: truncate|drop")
-        if longest > cfg.max_seq_length and cfg.on_overlong == "drop":
+        if tokens > cfg.max_seq_length and cfg.on_overlong == "drop":
             report.dropped_overlong += 1
             continue
         try:
-            pair, cut = fit_pair(pair, cfg.max_seq_length, cfg.max_prompt_length)
-            if pair.chosen_ids == pair.rejected_ids:
-                raise DataError("chosen and rejected are identical after truncation to "
-                                f"{len(pair.chosen_ids)} completion tokens", ex.source)
+            item, cut = fit(item)
         except DataError as e:  # cut to nothing usable by the length limits: counted as dropped for length
-            report.issues.append(e)
+            report.issues.append(e if e.source is not None else DataError(e.reason, ex.source, e.key))
             report.dropped_overlong += 1
             continue
         report.truncated += int(cut)
-        out.append(pair)
+        out.append(item)
     return out
 
 
-def build_preference_data(cfg: DPOConfig, tokenizer) -> PreferenceData:
+def build_preference_data(cfg: TrainStageConfig, tokenizer) -> PreferenceData:
     """Tokenised train (and eval) pairs for `cfg`, from the cache when the same inputs were seen."""
-    parts = dict(cache.fingerprint_inputs(cfg, tokenizer), pairs=PAIR_CACHE_VERSION)
-    cached = _load_pairs(parts)
+    return build_tokenised(cfg, tokenizer, tokenize=tokenize_pairs, store=PAIR_STORE, data_class=PreferenceData,
+                           noun="pairs")
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """How one kind of tokenised item is cached (data/cache.py's entries): its file suffix, its version
+    and how a list of items becomes arrays and back."""
+
+    suffix: str
+    version: int
+    pack: Callable
+    unpack: Callable
+    what: str
+
+
+def build_tokenised(cfg: TrainStageConfig, tokenizer, *, tokenize: Callable, store: TokenStore, data_class,
+                    noun: str):
+    """read rows -> template -> `tokenize(examples, cfg, tokenizer, template, report)` -> cache, for train
+    and eval: what preference pairs and unpaired (KTO) examples share. `data_class` takes (train, eval,
+    report, formats, fingerprint, cache_hit, chat_template, warnings)."""
+    parts = dict(cache.fingerprint_inputs(cfg, tokenizer), **{store.suffix.strip("."): store.version})
+    cached = cache.load_entry(parts, unpack=store.unpack, suffix=store.suffix, what=store.what.replace("-", " "))
     if cached is not None:
         train, eval_, meta = cached
         if meta.get("chat_template"):
             tokenizer.chat_template = meta["chat_template"]
-        return PreferenceData(train, eval_, DataReport(**meta["report"]), meta["formats"], meta["fingerprint"], True,
-                              meta.get("chat_template"), meta.get("warnings", []))
+        return data_class(train, eval_, DataReport(**meta["report"]), meta["formats"], meta["fingerprint"], True,
+                          meta.get("chat_template"), meta.get("warnings", []))
     try:
         examples, eval_examples, report, fmts = load_examples(cfg)
     except DataError as e:
         raise UserError(str(e), key=_key(cfg, "dataset_name_or_path"),
                         hint="fix the rows, or set on_invalid: skip to drop them (they are counted)") from None
     template = chat_template_for(cfg, tokenizer)
-    train = tokenize_pairs(examples, cfg, tokenizer, template, report)
-    eval_ = tokenize_pairs(eval_examples, cfg, tokenizer, template, report) if eval_examples else None
+    train = tokenize(examples, cfg, tokenizer, template, report)
+    eval_ = tokenize(eval_examples, cfg, tokenizer, template, report) if eval_examples else None
     if not train:
-        raise UserError(f"no usable preference pairs after tokenisation ({report.summary()})",
-                        key=_key(cfg, "dataset_name_or_path"))
+        raise UserError(f"no usable {'preference pairs' if noun == 'pairs' else noun} after tokenisation "
+                        f"({report.summary()})", key=_key(cfg, "dataset_name_or_path"))
     report.kept = len(train)
     warnings = []
     if report.dropped_overlong:
-        warnings.append(f"{report.dropped_overlong} pairs dropped for length (max_seq_length={cfg.max_seq_length}, "
-                        f"max_prompt_length={cfg.max_prompt_length})")
+        warnings.append(f"{report.dropped_overlong} {noun} dropped for length (max_seq_length={cfg.max_seq_length}, "
+                        f"max_prompt_length={getattr(cfg, 'max_prompt_length', None)})")
     for w in warnings:
         log.warning(w)
     # The saved tokenizer must carry the template the model was trained with.
     tokenizer.chat_template = template
-    fingerprint = _save_pairs(parts, train, eval_, {
+    fingerprint = cache.save_entry(parts, train, eval_, {
         "report": {k: getattr(report, k)
                    for k in ("total_rows", "kept", "skipped_invalid", "truncated", "dropped_overlong")},
         "formats": fmts, "chat_template": template, "warnings": warnings,
-    })
+    }, pack=store.pack, suffix=store.suffix, what=store.what)
     if report.issues:
         log.warning("%d rows were skipped or changed; first ones:\n%s", len(report.issues),
                     validate.format_report(report, max_issues=5))
-    return PreferenceData(train, eval_, report, fmts, fingerprint, False, template, warnings)
+    return data_class(train, eval_, report, fmts, fingerprint, False, template, warnings)
 
 
 def pairs_digest(pairs: list[TokenizedPair] | None) -> str:
@@ -245,6 +281,7 @@ def _pack(pairs: list[TokenizedPair], prefix: str) -> dict:
         seqs = [getattr(p, f"{part}_ids") for p in pairs]
         out[f"{prefix}_{part}_ids"] = np.asarray([t for s in seqs for t in s], dtype=np.int64)
         out[f"{prefix}_{part}_lengths"] = np.asarray([len(s) for s in seqs], dtype=np.int64)
+    out[f"{prefix}_margin"] = np.asarray([np.nan if p.margin is None else p.margin for p in pairs], dtype=np.float64)
     return out
 
 
@@ -254,16 +291,13 @@ def _unpack(arrays, prefix: str, sources: list) -> list[TokenizedPair]:
         ids, lengths = arrays[f"{prefix}_{part}_ids"], arrays[f"{prefix}_{part}_lengths"]
         ends = np.cumsum(lengths)
         parts[part] = [ids[e - n:e].tolist() for n, e in zip(lengths.tolist(), ends.tolist())]
-    return [TokenizedPair(pr, ch, rj, Source(*src) if src else None)
-            for pr, ch, rj, src in zip(parts["prompt"], parts["chosen"], parts["rejected"], sources)]
+    # Entries written before margins were kept have none.
+    margins = arrays[f"{prefix}_margin"].tolist() if f"{prefix}_margin" in arrays else [np.nan] * len(sources)
+    return [TokenizedPair(pr, ch, rj, Source(*src) if src else None, None if np.isnan(m) else m)
+            for pr, ch, rj, src, m in zip(parts["prompt"], parts["chosen"], parts["rejected"], sources, margins)]
 
 
-def _save_pairs(parts: dict, train, eval_, meta: dict) -> str:
-    return cache.save_entry(parts, train, eval_, meta, pack=_pack, suffix=".pairs", what="tokenised-pairs")
-
-
-def _load_pairs(parts: dict):
-    return cache.load_entry(parts, unpack=_unpack, suffix=".pairs", what="tokenised pairs")
+PAIR_STORE = TokenStore(".pairs", PAIR_CACHE_VERSION, _pack, _unpack, "tokenised-pairs")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +309,12 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, ref: np.ndarray
     if not pairs:
         raise ValueError("cannot collate an empty batch")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return _with_reference(dict(padded_rows(rows, pad_token_id), pairs=len(pairs)), ref)
+
+
+def padded_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
+    """input_ids, attention_mask, completion_mask [rows, T] of (prompt, completion) token lists, right-padded:
+    the padded layout every preference-like batch shares."""
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -284,9 +324,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, ref: np.ndarray
         input_ids[r, :m] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
         attention_mask[r, :m] = 1
         completion_mask[r, n:m] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-             "pairs": len(pairs)}
-    return _with_reference(batch, ref)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
 def collate_pairs_packed(pairs: list[TokenizedPair], ref: np.ndarray | None = None) -> dict:
@@ -443,41 +481,52 @@ def make_pair_plans(cfg: DPOConfig, data: PreferenceData, tokenizer, rank: int =
     `ref_train` / `ref_eval` ([pairs, 2] arrays, pair order) add precomputed reference log-probs;
     `layout` is one of PAIR_LAYOUTS (pair_layout chooses it)."""
     layout_batch = pair_collator(cfg, tokenizer, layout)
-    train, bsz = data.train, cfg.per_device_train_batch_size
+    padded = layout == "padded"
+    # regroup_by_tokens counts a padded pair as rows_per_item rows of its width.
+    lengths = [layout_tokens(p, layout) // (2 if padded else 1) for p in data.train]
+    return make_item_plans(cfg, data.train, data.eval, lambda items, idx, ref: layout_batch([items[i] for i in idx], ref),
+                           lengths=lengths, padded=padded, rows_per_item=2, noun="pair", rank=rank, world=world,
+                           ref_train=ref_train, ref_eval=ref_eval)
+
+
+def make_item_plans(cfg: TrainStageConfig, train: list, eval_: list | None, collate: Callable, *, lengths: list[int],
+                    padded: bool, rows_per_item: int, noun: str, rank: int = 0, world: int = 1,
+                    ref_train: np.ndarray | None = None, ref_eval: np.ndarray | None = None):
+    """(train_plan, eval_plan) over any tokenised items (pairs, unpaired examples): train micro-batches of
+    per_device_train_batch_size items in a deterministic shuffle per epoch (seed + epoch), eval batches in
+    order and split by rank. `collate(items, idx, ref)` makes the tensors of items[idx] (`ref`: those rows of
+    ref_train / ref_eval, or None); `lengths` are each train item's tokens per row for micro_batch_tokens
+    (padded: the width of one of its `rows_per_item` rows)."""
+    bsz = cfg.per_device_train_batch_size
 
     def epoch_batches(epoch: int) -> list[list[int]]:
         order = _shuffled(len(train), cfg.seed + epoch)
         return [order[s:s + bsz] for s in range(0, len(order), bsz)]
 
-    def collate(idx: list[int]) -> dict:
-        return layout_batch([train[i] for i in idx], None if ref_train is None else ref_train[idx])
-
-    def describe(idx: list[int]) -> list[str]:
-        return [str(train[i].source) if train[i].source else f"pair {i}" for i in idx]
+    def describe(items: list, what: str):
+        return lambda idx: [str(items[i].source) if items[i].source else f"{what} {i}" for i in idx]
 
     regroup = None
-    budget = token_budget(cfg.micro_batch_tokens, bsz, cfg.max_seq_length, rows_per_item=2)
+    budget = token_budget(cfg.micro_batch_tokens, bsz, cfg.max_seq_length, rows_per_item=rows_per_item)
     if budget:
-        padded = layout == "padded"
-        # regroup_by_tokens counts a padded pair as rows_per_item rows of its width.
-        lengths = [layout_tokens(p, layout) // (2 if padded else 1) for p in train]
         regroup = functools.partial(regroup_by_tokens, lengths=lengths, budget=budget, padded=padded,
-                                    rows_per_item=2)
+                                    rows_per_item=rows_per_item)
 
-    train_plan = BatchPlan(epoch_batches, collate, describe, regroup)
+    train_plan = BatchPlan(epoch_batches,
+                           lambda idx: collate(train, idx, None if ref_train is None else ref_train[idx]),
+                           describe(train, noun), regroup)
     eval_plan = None
-    if data.eval:
-        ev, ebsz = data.eval, cfg.per_device_eval_batch_size
-        eval_batches = [list(range(s, min(s + ebsz, len(ev)))) for s in range(0, len(ev), ebsz)][rank::world]
-        eval_plan = BatchPlan(
-            lambda epoch: eval_batches,
-            lambda idx: layout_batch([ev[i] for i in idx], None if ref_eval is None else ref_eval[idx]),
-            lambda idx: [str(ev[i].source) if ev[i].source else f"eval pair {i}" for i in idx],
-        )
+    if eval_:
+        ebsz = cfg.per_device_eval_batch_size
+        eval_batches = [list(range(s, min(s + ebsz, len(eval_)))) for s in range(0, len(eval_), ebsz)][rank::world]
+        eval_plan = BatchPlan(lambda epoch: eval_batches,
+                              lambda idx: collate(eval_, idx, None if ref_eval is None else ref_eval[idx]),
+                              describe(eval_, f"eval {noun}"))
     return train_plan, eval_plan
 
 
-__all__ = ["PreferenceData", "build_preference_data", "make_pair_plans", "collate_pairs", "collate_pairs_packed",
+__all__ = ["PreferenceData", "build_preference_data", "build_tokenised", "TokenStore", "PAIR_STORE", "make_pair_plans",
+           "make_item_plans", "padded_rows", "tokenize_with_policy", "fit_lengths", "collate_pairs", "collate_pairs_packed",
            "collate_pairs_shared", "pair_layout", "pair_collator", "layout_tokens", "PAIR_LAYOUTS",
            "pair_as_example",
            "fit_pair", "tokenize_pairs", "pairs_digest", "pair_tokens"]

@@ -118,6 +118,8 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     source: Source | None = None
+    # score_chosen - score_rejected when the row has both scores (a reward model's optional margin).
+    margin: float | None = None
 
 
 @dataclass

@@ -119,10 +119,12 @@ def quantization_config(stage: TrainStageConfig):
     )
 
 
-def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto"):
-    """The base model for a training stage, on the right device, quantised if asked."""
+def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto", auto_class=None, **model_kwargs):
+    """The base model for a training stage, on the right device, quantised if asked. `auto_class` (default
+    AutoModelForCausalLM) and `model_kwargs` (e.g. num_labels) let a method load another head on the base."""
     from transformers import AutoModelForCausalLM
 
+    auto_class = auto_class or AutoModelForCausalLM
     check_model_reference(name)
     weights_policy = pickle_policy(name, allowed=stage.allow_pickle_weights,
                                    key=f"stage_configs.{stage.stage_name}.allow_pickle_weights" if stage.stage_name
@@ -140,7 +142,7 @@ def load_model(name: str, stage: TrainStageConfig, *, torch_dtype: str = "auto")
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = auto_class.from_pretrained(name, **kwargs, **model_kwargs)
     except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as e:  # pickle: what weights_only refuses
         raise UserError(f"cannot load model `{name}`: {str(e).splitlines()[0]}", key="model_name_or_path",
                         hint="the weight files are damaged or incomplete: copy or download the model again") from None
@@ -175,8 +177,9 @@ def pickle_policy(name: str, *, allowed: bool, key: str) -> dict:
     return policy
 
 
-def apply_lora(model, stage: TrainStageConfig):
-    """Wrap `model` with a fresh LoRA adapter (QLoRA when the base is quantised)."""
+def apply_lora(model, stage: TrainStageConfig, *, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with a fresh LoRA adapter (QLoRA when the base is quantised). `task_type` "SEQ_CLS"
+    (a reward model) also trains and saves the classification head (peft's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -189,7 +192,7 @@ def apply_lora(model, stage: TrainStageConfig):
         target_modules=targets,
         use_dora=stage.use_dora,
         use_rslora=stage.use_rslora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         bias="none",
     )
     try:
