@@ -36,13 +36,14 @@ from lmpipeline.errors import UserError
 from lmpipeline.models.loading import enable_gradient_checkpointing
 from lmpipeline.plan import estimate as est
 from lmpipeline.plan import hardware
+from lmpipeline.train.optim import planned_steps
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MICRO_BATCH = 4  # the schema's default per_device_train_batch_size
 # gradient_checkpointing: auto weighs these shares of checkpointed layers (0: none), least recompute first.
 CHECKPOINT_OPTIONS = (0.0, 0.25, 0.5, 1.0)
-PROBE_STEPS = 200  # micro_batch_tokens: optimizer steps of epoch 0 regrouped to find the heaviest micro-batch
+PROBE_STEPS = 200  # at most this many of the run's first optimizer steps are searched for the heaviest micro-batch
 SKIP_ENV = "LMPIPELINE_SKIP_FIT_CHECK"  # =1: warn instead of stopping when the estimate says it will not fit
 
 
@@ -270,9 +271,14 @@ def sft_probe_step(model, cfg, data, tokenizer, objective, device) -> Callable[[
         trial = cfg.model_copy(update={"per_device_train_batch_size": b, "gradient_checkpointing": gc})
         plan, _ = make_batch_plans(trial, data, tokenizer)
         batches = plan.epoch_batches(0)
+        ga = trial.gradient_accumulation_steps
+        # Only the steps this run takes (a 20-step run never meets its epoch's heaviest micro-batch, and a
+        # probe of it would set the process's peak above the run's own), at most PROBE_STEPS of them.
+        steps = min(PROBE_STEPS, planned_steps(trial, len(batches), 1)[1], -(-len(batches) // ga))
         if plan.regroup is not None:  # micro_batch_tokens: the micro-batches the loop will really run
-            ga = trial.gradient_accumulation_steps
-            batches = [mb for pos in range(min(PROBE_STEPS, -(-len(batches) // ga))) for mb in plan.step_batches(0, pos, ga)]
+            batches = [mb for pos in range(steps) for mb in plan.step_batches(0, pos, ga)]
+        else:
+            batches = batches[:steps * ga]
         worst = batches[0] if wrapped else max(batches, key=cost)  # wrapped rows are all full
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in plan.collate(worst).items()}
         ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
