@@ -1,4 +1,4 @@
-"""`python -m lmpipeline --config X.yaml` (seed 001) and every `lmpipeline` subcommand."""
+"""`python -m lmpipeline --config X.yaml` and every `lmpipeline` subcommand."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Deprecated path: `from lmpipeline.algorithms.trl_sft import TRLSFTStage, TRLSFTConfig` (seed 001).
+"""Deprecated path: `from lmpipeline.algorithms.trl_sft import TRLSFTStage, TRLSFTConfig` (an early API's names).
 
 Maps to lmpipeline.SFTStage / lmpipeline.SFTConfig; to be removed in lmpipeline 0.3.0.
 """

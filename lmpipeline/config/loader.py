@@ -1,8 +1,8 @@
 """Read a YAML config (safe YAML only), apply --set overrides, and validate it all at once.
 
 Two shapes load:
-- the pipeline form of seed 001: model_name_or_path, output_dir, stages, stage_configs;
-- the sectioned single-run form of seed 000: model:, lora:, training:, dataset: -> one SFT stage.
+- the pipeline form: model_name_or_path, output_dir, stages, stage_configs;
+- the sectioned single-run form of TRL-style config.yaml files: model:, lora:, training:, dataset: -> one SFT stage.
 
 Every error names the dotted key, the file and the line it came from (or `--set` for overrides).
 """
@@ -21,7 +21,7 @@ from lmpipeline.config.schema import STAGE_ALIASES, STAGE_CONFIG_CLASSES, Pipeli
 
 Path_ = tuple  # a key path such as ("stage_configs", "sft", "lora_r")
 
-# Seed 000's sections, mapped onto the flat names of the SFT stage (None = top level key).
+# The sectioned form's keys, mapped onto the flat names of the SFT stage (None = top level key).
 SECTIONED_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
     "model": {
         "name": (None, "model_name_or_path"),
@@ -58,7 +58,7 @@ SECTIONED_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         "validation_split_ratio": ("sft", "validation_split_ratio"),
     },
 }
-# Seed 000's `dataset.format: custom` means a plain text column.
+# In the sectioned form `dataset.format: custom` means a plain text column.
 SECTIONED_FORMAT_NAMES = {"custom": "text"}
 # `training:` takes any SFT stage key as it is; only output_dir is the run's (top level).
 TRAINING_SECTION = "training"
@@ -217,7 +217,7 @@ def is_sectioned(data: dict) -> bool:
 
 
 def _from_sectioned(loc: _Located) -> tuple[dict, dict[Path_, int], list[ConfigIssue]]:
-    """Translate seed 000's sections into the pipeline form; remember where each value came from."""
+    """Translate the sectioned form into the pipeline form; remember where each value came from."""
     data, issues = loc.data, []
     out: dict[str, Any] = {"stages": ["sft"], "stage_configs": {"sft": {}}}
     lines: dict[Path_, int] = {}
@@ -265,7 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     derived: dict[str, Any] = {}
     if "stages" not in raw and isinstance(raw.get("stage_configs"), dict) and raw["stage_configs"]:
-        # Seed 001's chat example lists only stage_configs: run those stages in the order written.
+        # A config may list only stage_configs: run those stages in the order written.
         raw["stages"] = list(raw["stage_configs"])
         derived["stages"] = raw["stages"]
 

@@ -2,9 +2,9 @@
 
 Two kinds of preset, both top-level config keys, both plain config fragments (lmpipeline/config/presets/):
 
-- `model_size: 7b | 13b | 70b` applies seed 002's per-size defaults (`model_sizes.yaml`): LoRA r 16/32/64,
+- `model_size: 7b | 13b | 70b` applies per-size defaults (`model_sizes.yaml`): LoRA r 16/32/64,
   alpha 32/64/128, dropout 0.05, micro-batch 4/2/1 x GA 4/8/16, length 2048 to every training stage, and
-  learning rate 2e-5 and 3 epochs to SFT stages (DPO keeps its own rate and epochs, seed 004).
+  learning rate 2e-5 and 3 epochs to SFT stages (DPO keeps its own rate and epochs).
 - `preset: <family>` (e.g. `llama-3.2-3b`, `qwen2.5-7b`, `gemma-2-9b`; `<family>.yaml`) fills the model id,
   precision, LoRA targets and attention backend of that family, and names the size class it trains with
   (`model_size`), whose defaults it then brings in as well.

@@ -409,7 +409,7 @@ class PipelineConfig(_Strict):
         "fills model id, precision, LoRA targets and its size class where you did not set them."
     )
     model_size: Optional[Literal["7b", "13b", "70b"]] = Field(
-        None, description="Seed 002's per-size defaults for every training stage: LoRA r/alpha 16/32, 32/64, "
+        None, description="Per-size defaults for every training stage: LoRA r/alpha 16/32, 32/64, "
         "64/128, dropout 0.05, batch 4x4, 2x8, 1x16, length 2048; SFT lr 2e-5, 3 epochs. Your keys win."
     )
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -28,7 +28,7 @@ position_ids, pass NO attention_mask, and call the model with use_cache=False: L
 DynamicCache when use_cache is on (the config default, in train mode too), a cache disables the
 packed-sequence detection, and the row then silently attends across examples.
 tests/unit/data/test_packing.py shows both: packed loss == padded loss, and != with the cache on.
-On SDPA that mask is dense [T, T] (slow on long rows, GUIDE section 5); with cu_seq_lens and
+On SDPA that mask is dense [T, T] (slow on long rows: bench/README.md's attention probe); with cu_seq_lens and
 max_length (`flash_attn_kwargs`) models/attention.py's varlen kernel needs no mask at all.
 
 Batching

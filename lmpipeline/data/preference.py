@@ -27,7 +27,7 @@ Where varlen attention runs (models/attention.py) the micro-batch is one row wit
     [prompt, chosen, rejected]; chosen attends to the prompt and itself, rejected to the prompt and
     itself (never to chosen), with positions continuing from the prompt's end. The prompt goes through
     the model once per pair instead of twice: on the bench's DPO workload (prompt 185, replies 247
-    tokens on average) 21% fewer tokens per pair, 19% less step time (bench/README.md, call 13).
+    tokens on average) 21% fewer tokens per pair, 19% less step time (bench/README.md).
   "packed" (share_prompt: false; `collate_pairs_packed`): the 2 x pairs sequences end to end, each
     attending only to itself.
   Both carry input_ids, position_ids [1, T], cu_seq_lens (query segments), max_length, pairs, and the

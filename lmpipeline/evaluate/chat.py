@@ -1,4 +1,4 @@
-"""Interactive chat with a trained model (seed 004's inference.py interactive mode).
+"""Interactive chat with a trained model.
 
 A ChatSession keeps the conversation (multi-turn history), renders it with the chat template,
 generates the next assistant turn with lmpipeline's engine and streams its text as the tokens come, whole

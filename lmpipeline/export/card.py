@@ -4,7 +4,7 @@ Front matter follows the Hub's model-card metadata: base_model (only when it is 
 is not valid there and is named in the text instead), library_name (peft for adapters, transformers
 for full weights), pipeline_tag, tags, license when known, datasets when they are Hub names.
 The usage code loads what the archive holds: one adapter on its base (PeftModel.from_pretrained, as
-seed 000 shows), a chain of adapters merged in order, or full weights with AutoModelForCausalLM.
+a TRL-style script shows), a chain of adapters merged in order, or full weights with AutoModelForCausalLM.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Merge LoRA adapters into their base and save a standalone model (seed 004's "merge for deployment").
+"""Merge LoRA adapters into their base and save a standalone model, for deployment.
 
     load the base unquantised in the target dtype
       -> for each adapter of the chain, in order (SFT, then DPO, ...):

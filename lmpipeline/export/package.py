@@ -1,4 +1,4 @@
-"""Package a trained model for distribution (seed 002's llama_package.py), verify and unpack packages.
+"""Package a trained model for distribution, verify and unpack packages.
 
 A package is <output_dir>/<name>.tar.gz (plus <name>.tar.gz.sha256) holding one folder <name>/:
 

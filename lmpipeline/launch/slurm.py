@@ -1,4 +1,4 @@
-"""`lmpipeline slurm`: sbatch scripts for training on a SLURM cluster, and for setting up its venv (seed 003).
+"""`lmpipeline slurm`: sbatch scripts for training on a SLURM cluster, and for setting up its venv.
 
 `lmpipeline slurm CONFIG --nodes M --gpus-per-node G ...` writes <output-dir>/<config>.sbatch, where
 <output-dir> defaults to the run's own folder, <config's output_dir>/slurm (nothing lands in the checkout):

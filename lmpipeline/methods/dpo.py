@@ -426,13 +426,13 @@ def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, layout: str) -
 
     The kernels count, not only the precision: a policy compiled by torch_compile (or patched by Liger)
     rounds differently from an eager reference, and over ~300 completion tokens in bf16 that moved
-    a step-0 DPO loss from 0.6931 to 0.7164 on Llama-3.2-3B QLoRA (bench/README.md, call 9), when a
+    a step-0 DPO loss from 0.6931 to 0.7164 on Llama-3.2-3B QLoRA (bench/README.md), when a
     compiled run read the reference an eager run had cached."""
     return {"mode": mode, "torch_dtype": torch_dtype, "use_4bit": cfg.use_4bit, "use_8bit": cfg.use_8bit,
             "bnb": [cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype],
             "attn_implementation": cfg.attn_implementation, "layout": layout, "bf16": cfg.bf16, "fp16": cfg.fp16,
             "torch_compile": cfg.torch_compile, "use_liger_kernel": cfg.use_liger_kernel,
-            # compiled layers round as eager since 2026-12-03 (models/compile.EAGER_ROUNDING): older caches differ
+            # compiled layers round as eager (models/compile.EAGER_ROUNDING); caches from before that differ
             "compiled_rounding": "eager" if cfg.torch_compile is True else None}
 
 

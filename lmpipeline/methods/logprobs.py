@@ -42,7 +42,7 @@ def accepts_logits_to_keep(model) -> bool:
 
 # Logits computed at once by the fused path: 2^25 (261 rows of a 128k vocabulary, 128 MiB of float32;
 # with the bf16 logits and the softmax gradient about 0.4 GiB at the loss's peak). 2^26 set the peak of
-# QLoRA runs on Llama-3.2-3B (bench/README.md, call 7); a 261-row matmul still runs at full speed.
+# QLoRA runs on Llama-3.2-3B (bench/README.md); a 261-row matmul still runs at full speed.
 # plan/estimate.py counts the same figure (a test ties the two).
 LOGIT_CHUNK_ELEMENTS = 1 << 25
 # Config fields of architectures whose logits are not lm_head(hidden): they take the logits path.

@@ -2,7 +2,7 @@
 
 A packed micro-batch is one row of several examples (data/packing.collate_packed). On SDPA,
 transformers keeps them apart with a dense [T, T] block mask built from position_ids every step,
-which sends SDPA to its masked (slower) kernels and costs T^2 memory: GUIDE section 5 measured
+which sends SDPA to its masked (slower) kernels and costs T^2 memory: the attention probe measured
 TRL's padding-free SDPA getting slower as micro-batches grew. Here the boundaries go to the kernel
 as cumulative lengths instead (cu_seq_lens, computed once per batch on the CPU by the collator), and
 each example attends only to itself, causally:

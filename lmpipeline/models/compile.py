@@ -36,7 +36,7 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
 # transformers (5.x) records hidden states and attentions through forward hooks of this name on every
 # decoder layer and attention module. They read a ContextVar, which Dynamo cannot trace: each layer
 # compiled with them runs as 3 graphs (2 graph breaks), paying 3 guard checks and 3 runtime wrappers per
-# pass (bench/README.md, 2026-12-03 profile). While the layers are compiled the hooks are set aside;
+# pass (bench/README.md, the step profile). While the layers are compiled the hooks are set aside;
 # training reads the final hidden state from the decoder's own output (methods/logprobs.py) instead.
 CAPTURE_HOOK_NAME = "output_capturing_hook"
 _SET_ASIDE = "_lmpipeline_capture_hooks"
@@ -80,16 +80,16 @@ def _restore_capture_hooks(layer: torch.nn.Module) -> None:
 # may round depends on the graph: the training graph must store some intermediates for the backward (in
 # bf16), the no-gradient graph need not. A DPO reference computed without gradients then differs from the
 # policy's training forward on the same weights: on random Llama-3.2-3B QLoRA the first step's loss was
-# 0.6728 instead of ln 2 = 0.6931 (0.2-0.6 nats of summed log-probs per sequence; bench/README.md, call 13).
-# With Inductor's emulate_precision_casts both graphs round where eager does: 0.6943 (call 14), at the
+# 0.6728 instead of ln 2 = 0.6931 (0.2-0.6 nats of summed log-probs per sequence; bench/README.md).
+# With Inductor's emulate_precision_casts both graphs round where eager does: 0.6943, at the
 # same speed within the noise of that call.
 EAGER_ROUNDING = {"emulate_precision_casts": True}
 
 
 # torch_compile: auto. What compiling gains per step, measured (bench/README.md): bf16 LoRA packed 14,392 ->
 # 16,450-19,725 tokens/s and 3.3 GiB less; all layers checkpointed 8,834 -> 10,289-11,688; QLoRA NF4 at the
-# seed's 2 x GA 4 2,308 -> 3,403 (call 14), DPO QLoRA likewise. What it costs: once, the first step (92 s
-# instead of 1.5 s for Llama-3.2-3B DPO QLoRA on the H200, call 13). ~90 s are repaid after 90 steps (1.5x,
+# 2 x GA 4 config 2,308 -> 3,403, DPO QLoRA likewise. What it costs: once, the first step (92 s
+# instead of 1.5 s for Llama-3.2-3B DPO QLoRA on the H200). ~90 s are repaid after 90 steps (1.5x,
 # 3 s steps) to 540 steps (1.2x, 1 s steps); 300 sits between: pilot and smoke runs (tens of steps) stay
 # eager, real runs (thousands of steps: one alpaca epoch at 16 rows per step is 3,250) compile.
 COMPILE_MIN_STEPS = 300

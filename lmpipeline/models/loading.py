@@ -212,7 +212,7 @@ def prepare_kbit_model(model, stage: TrainStageConfig) -> None:
     The upcast (embeddings, norms, LM head: frozen, so it buys nothing under bf16 autocast, and our
     loading cast them back afterwards) set the QLoRA peak: while it ran, the fp32 copies and the bf16
     tensor being converted were alive together. The measured peaks matched that moment to 0.01 GiB,
-    3.56 GiB for random Llama-3.2-3B and 8.25 for Llama-3.1-8B (H200, 2026-12-02, bench/README.md),
+    3.56 GiB for random Llama-3.2-3B and 8.25 for Llama-3.1-8B (H200, bench/README.md),
     against 3.49 and 7.10 estimated for training itself.
     """
     for param in model.parameters():

@@ -17,24 +17,9 @@ re-measures Llama, Qwen2, Qwen3, Phi-3 and Gemma-2 blocks in LoRA, dropout, fp32
 variants, padded and causal). With gradient checkpointing only each layer's input is kept (hidden x 2 bytes
 per token) and one layer is recomputed at a time during the backward.
 
-Calibration (`tests/unit/plan/test_calibration.py`): measured H100 peaks of random Llama-3.2-3B, LoRA r16
-on 7 modules, adamw_8bit, batch 2 x GA 4, bench length distributions. TRL 1.15 rows (GUIDE section 5;
-TRL's fused LM head never holds full logits, its 4-bit embeddings stay bf16) are estimated with
-impl="trl"; lmpipeline's own DPO rows (methods/dpo.py docstring) with impl="lmpipeline":
-
-    setting                                          measured GiB   estimate
-    TRL QLoRA NF4, padded, checkpointing                 3.39         3.38   -0.2%
-    TRL bf16 LoRA, padded, checkpointing                 7.58         7.30   -3.7%
-    TRL bf16 LoRA, packed 2 x 2048, checkpointing        7.87         7.85   -0.3%
-    TRL + Liger, packed 2 x 2048, checkpointing          7.71         7.74   +0.4%
-    TRL + Liger, packed 2 x 2048, no checkpointing      20.70        20.66   -0.2%
-    TRL + Liger, packed 8 x 2048, checkpointing         12.48        12.69   +1.7%
-    TRL DPO QLoRA, <= 1024, checkpointing                3.46         3.88  +12.1%
-    TRL DPO bf16 LoRA, <= 1024, checkpointing            7.69         7.82   +1.7%
-    lmpipeline DPO QLoRA, fused head                     6.50         6.26   -3.7%
-    lmpipeline DPO bf16 LoRA, fused head                 8.00         7.82   -2.2%
-    lmpipeline DPO QLoRA, full logits                   10.80        11.08   +2.6%
-    lmpipeline DPO bf16 LoRA, full logits               12.50        12.81   +2.5%
+Calibration (`tests/unit/plan/test_calibration.py`): measured peaks of random Llama-3.2-3B runs, LoRA
+and QLoRA, padded and packed, TRL's and lmpipeline's own code paths (the table of measured vs estimated
+peaks is in bench/README.md, "Memory estimate calibration"); TRL rows are estimated with impl="trl".
 
 The one fitted constant is a layer's backward working set (`BWD_TRANSIENT_*`), set on the packed
 checkpointing rows; everything else is counted. TRL's QLoRA peaks sit ~0.3 GiB below its bf16 LoRA
@@ -52,7 +37,7 @@ own kernels save different tensors).
   layers are float32 too.
 
 Time: FLOPs per token = k x N (N = weights every token multiplies through, LM head included; k = 4
-for LoRA: forward + backward to activations, GUIDE's 4 x 3.21 GFLOP on Llama-3.2-3B; 6 for full
+for LoRA: forward + backward to activations, 4 x 3.21 GFLOP on Llama-3.2-3B; 6 for full
 fine-tuning; +2 with checkpointing; DPO adds 2 per token for the reference forward unless precomputed),
 attention FLOPs not counted, at `DEFAULT_MFU` of the GPU's attainable matmul rate. Padded batches are
 charged for their padding, and micro-batches under 4,096 tokens run at proportionally lower MFU (fitted
@@ -94,7 +79,7 @@ OURS_LOSS_CHUNK_ELEMENTS = 1 << 25
 BWD_TRANSIENT_HIDDEN = 4
 BWD_TRANSIENT_INTERMEDIATE = 8
 
-DEFAULT_MFU = 0.20  # GUIDE section 5: the best peer reaches 20% of the H100's attainable 790 TFLOP/s
+DEFAULT_MFU = 0.20  # the best peer measured reaches 20% of the H100's attainable 790 TFLOP/s (bench/README.md)
 FULL_MFU_TOKENS = 4096  # micro-batches smaller than this run at proportionally lower MFU
 MIN_MFU = 0.02
 QUANT_SPEED = {"none": 1.0, "4bit": 0.89, "8bit": 0.5}  # 8-bit: LLM.int8 matmuls, rough

@@ -3,10 +3,10 @@
 `memory_gib` is what `torch.cuda.get_device_properties(i).total_memory` reports (a little under the
 marketing number: HBM/GDDR sizes are GiB, and the driver reserves some). `bf16_tflops` is the dense
 BF16 (FP16 on GPUs without BF16) tensor-core rate with FP32 accumulation from the vendor datasheets;
-`attainable_tflops` is what large matmuls reach: measured 790 on the H100 (GUIDE section 5, an 8192^3
+`attainable_tflops` is what large matmuls reach: measured 790 on the H100 (an 8192^3
 bf16 matmul), 80% of the datasheet elsewhere (not measured: a stated assumption).
 
-Seed 002 typed in a hardware table (7B: 16 GB minimum / RTX 3090; 13B: 24 GB / A100-40GB; 70B: 80 GB /
+Hand-written hardware tables say (7B: 16 GB minimum / RTX 3090; 13B: 24 GB / A100-40GB; 70B: 80 GB /
 several A100s); `lmpipeline estimate` computes the same answer from the model and the config instead.
 """
 

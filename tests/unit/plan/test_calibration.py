@@ -156,3 +156,27 @@ def test_time_model_against_bench_throughput(name, measured, changes):
     t = estimate_time(load_shipped("llama-3.2-3b"), Setup(**{**BASE, **changes}), hardware.gpu("h100-80gb"),
                       sft_bench_profile())
     assert t.tokens_per_second == pytest.approx(measured, rel=0.4), name
+
+
+# A run measured with a real tokenizer, real rows and a 152k vocabulary (tests/gpu/test_seed000_gpu.py on
+# the H200; bench/README.md, "Memory estimate calibration"): the 3B QLoRA config as written, bf16,
+# rows end to end (varlen), no checkpointing.
+QWEN_ALPACA_MEASURED_GIB = 11.99
+
+
+def test_a_real_tokenizer_and_data_run_is_estimated_within_15_percent_and_headroom_stays_above(
+        tmp_path, repo_root, shared_data, capsys, monkeypatch):
+    import json
+    import shutil
+
+    from lmpipeline.cli import main
+
+    model = tmp_path / "qwen2.5-3b"
+    shutil.copytree(shared_data / "tokenizers" / "qwen2.5-0.5b-instruct", model)
+    shutil.copy(repo_root / "lmpipeline" / "config" / "model_configs" / "qwen2.5-3b" / "config.json", model / "config.json")
+    monkeypatch.chdir(repo_root)
+    assert main(["estimate", "examples/seed000_config.yaml", "--gpu", "h200-141gb", "--json", "--set", f"model.name={model}",
+                 "--set", f"dataset.path={shared_data / 'sft_alpaca' / 'llamafactory_alpaca_en_demo.json'}"]) == 0
+    memory = json.loads(capsys.readouterr().out)[0]["memory"]
+    assert memory["peak_gib"] == pytest.approx(QWEN_ALPACA_MEASURED_GIB, rel=0.15)
+    assert memory["required_gib"] >= QWEN_ALPACA_MEASURED_GIB  # "with headroom" is an upper bound
