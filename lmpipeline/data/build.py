@@ -25,6 +25,7 @@ from lmpipeline.data.types import (
     DataReport,
     TextExample,
     TokenizedExample,
+    stage_for_rows,
 )
 from lmpipeline.errors import UserError
 from lmpipeline.models.compile import shaped_for_layers
@@ -221,7 +222,7 @@ def tokenize_sft(examples, cfg: SFTConfig, tokenizer, template: str | None, repo
             elif isinstance(ex, TextExample):
                 tok = masking.tokenize_text(ex, tokenizer)
             else:
-                raise DataError(f"{type(ex).__name__} rows are preference data: use a dpo stage", ex.source)
+                raise DataError(f"{type(ex).__name__} rows are not SFT data: train them in {stage_for_rows(ex)}", ex.source)
         except DataError as e:
             if e.source is None:
                 e = DataError(e.reason, ex.source, e.key)

@@ -65,6 +65,7 @@ from lmpipeline.data.types import (
     Source,
     TokenizedExample,
     TokenizedPair,
+    stage_for_rows,
 )
 from lmpipeline.errors import UserError
 from lmpipeline.models.compile import shaped_for_layers
@@ -141,9 +142,10 @@ def tokenize_pairs(examples, cfg: TrainStageConfig, tokenizer, template: str, re
     """Tokenise every example, apply on_overlong and count what it touched."""
     for ex in examples:
         if not isinstance(ex, PreferenceExample):
-            raise UserError(f"{ex.source}: {type(ex).__name__} rows are not preference pairs; a dpo stage needs "
+            raise UserError(f"{ex.source}: {type(ex).__name__} rows are not preference pairs; this stage needs "
                             "rows with a prompt and chosen/rejected replies", key=_key(cfg, "dataset_name_or_path"),
-                            hint="give preference data (e.g. prompt/chosen/rejected), or train it in an sft stage")
+                            hint=f"give preference data (e.g. prompt/chosen/rejected), or train these rows in "
+                                 f"{stage_for_rows(ex)}")
 
     def tokenize(ex: PreferenceExample) -> TokenizedPair:
         pair = masking.tokenize_preference(ex, tokenizer, template)
@@ -238,8 +240,14 @@ def build_tokenised(cfg: TrainStageConfig, tokenizer, *, tokenize: Callable, sto
     train = tokenize(examples, cfg, tokenizer, template, report)
     eval_ = tokenize(eval_examples, cfg, tokenizer, template, report) if eval_examples else None
     if not train:
-        raise UserError(f"no usable {'preference pairs' if noun == 'pairs' else noun} after tokenisation "
-                        f"({report.summary()})", key=_key(cfg, "dataset_name_or_path"))
+        what = "preference pairs" if noun == "pairs" else noun
+        if report.dropped_overlong and report.dropped_overlong >= report.total_rows - report.skipped_invalid:
+            # Every row was too long: the limits are the fix, not the data file.
+            raise UserError(f"every one of the {report.dropped_overlong} {what} is longer than max_seq_length="
+                            f"{cfg.max_seq_length} allows ({report.summary()})", key=_key(cfg, "max_prompt_length"),
+                            hint=f"set max_prompt_length (e.g. {max(1, cfg.max_seq_length // 2)}) so long prompts are "
+                                 "cut from the left, raise max_seq_length, or use on_overlong: truncate")
+        raise UserError(f"no usable {what} after tokenisation ({report.summary()})", key=_key(cfg, "dataset_name_or_path"))
     report.kept = len(train)
     warnings = []
     if report.dropped_overlong:

@@ -17,6 +17,17 @@ IGNORE_INDEX = -100
 Message = dict[str, Any]
 
 
+
+def stage_for_rows(example) -> str:
+    """Which kind of stage trains rows like `example`: for messages that send a user's data where it belongs."""
+    kind = type(example).__name__
+    if kind == "KTOExample":
+        return "a kto stage (completions labelled desirable or undesirable, unpaired)"
+    if kind == "PreferenceExample":
+        return "a preference stage (dpo, orpo or rm: a prompt with chosen and rejected replies)"
+    return "an sft stage (conversations, instructions, prompt/completion or plain text)"
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a row lives: file plus 1-based line (line-oriented files) or 0-based row index."""
