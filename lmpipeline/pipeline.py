@@ -307,6 +307,7 @@ def _open_record(cfg: PipelineConfig, out: Path, derived: dict, config_path: str
                             hint="undo the change to continue the run as it was, or pass --resume --allow-changed-config "
                                  "to continue with the new values (both are recorded in run.json)")
         record.data.setdefault("resumed", []).append(_now())
+        _add_new_stages(record.data, config, fingerprints)
         if changes:
             record.data.setdefault("resumed_with_changes", []).append({"at": _now(), "changes": changes})
             record.data["config"], record.data["data_files"] = config, fingerprints
@@ -325,11 +326,29 @@ def _open_record(cfg: PipelineConfig, out: Path, derived: dict, config_path: str
     return record
 
 
+def _add_new_stages(data: dict, config: dict, fingerprints: dict) -> None:
+    """A resumed run that now runs stages it did not before (`--stages`) records their values too."""
+    old = data.setdefault("config", {})
+    configs = old.setdefault("stage_configs", {})
+    for name, values in (config.get("stage_configs") or {}).items():
+        configs.setdefault(name, values)
+    old["stages"] = list(dict.fromkeys([*(old.get("stages") or []), *(config.get("stages") or [])]))
+    files = data.setdefault("data_files", {})
+    for key, value in fingerprints.items():
+        files.setdefault(key, value)
+
+
 def resume_changes(record: dict, config: dict, fingerprints: dict) -> dict:
-    """{dotted key: {"from", "to"}} for every resolved-config value and data file that differs from the run's."""
+    """{dotted key: {"from", "to"}} for every resolved-config value and data file that differs from the run's.
+
+    A stage that only one side has is no change: `--stages` runs a subset, and a later `--resume --stages`
+    adds the next stage to the run (its values are then recorded); what must not change is a stage both
+    know."""
     changes = {}
 
     def walk(old, new, prefix):
+        if prefix.startswith("stage_configs.") and prefix.count(".") == 1 and (old is None or new is None):
+            return  # a stage run now or before, not both
         if isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(set(old) | set(new), key=str):
                 walk(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
@@ -338,10 +357,11 @@ def resume_changes(record: dict, config: dict, fingerprints: dict) -> dict:
 
     walk(record.get("config") or {}, config, "")
     changes.pop("output_dir", None)  # the same run, found by a different spelling of its path
+    changes.pop("stages", None)  # which stages run now (--stages); their configs are compared above
     if "data_files" in record:  # older run.json files have none to compare with
         for key in sorted(set(record["data_files"]) | set(fingerprints)):
             old, new = record["data_files"].get(key), fingerprints.get(key)
-            if old != new:
+            if old != new and old is not None and new is not None:
                 changes[f"{key} (file contents)"] = {"from": old, "to": new}
     return changes
 
