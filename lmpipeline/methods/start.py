@@ -27,12 +27,24 @@ from lmpipeline.context import StageOutput
 from lmpipeline.errors import UserError
 from lmpipeline.methods.lifecycle import save_final
 from lmpipeline.models import loading
-from lmpipeline.models.adapter_chain import CHAIN_FILE, adapter_base, is_adapter, read_chain
+from lmpipeline.models.adapter_chain import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHAIN_FILE,
+    adapter_base,
+    combinable,
+    combine_lora,
+    is_adapter,
+    read_chain,
+)
 
 log = logging.getLogger(__name__)
 
 # The name the earlier adapter keeps when a new one is stacked on it (from_previous_stage: stack).
 STACK_REFERENCE_ADAPTER = "sft"
+# Inside a chained stage's final folder (which holds the chain combined into one adapter): this stage's
+# own adapter alone, the delta it trained over the earlier ones.
+STAGE_ONLY_ADAPTER = "this_stage_only"
 
 
 @dataclass
@@ -114,6 +126,40 @@ def add_stacked_lora(model, cfg):
     model.base_model.set_adapter([STACK_REFERENCE_ADAPTER, "default"])
     model.set_requires_grad(STACK_REFERENCE_ADAPTER, requires_grad=False)
     return model
+
+
+def _provenance(folder: Path) -> list[str]:
+    """The stages an adapter folder's model went through before its own (from its chain file)."""
+    chain = Path(folder) / CHAIN_FILE
+    if not chain.is_file():
+        return []
+    data = json.loads(chain.read_text())
+    return [e.get("stage") for e in data.get("includes", [])] + [e.get("stage") for e in data.get("adapters", [])][:-1]
+
+
+def write_combined(final_dir: Path, start: StartPoint, stage_name: str) -> Path:
+    """The stage's adapter and the earlier ones it trained over, summed into one adapter in final_dir (so
+    PeftModel.from_pretrained(base, final_dir) is the trained model, with any tool), this stage's own
+    adapter kept in final_dir/STAGE_ONLY_ADAPTER, and a chain file that applies final_dir alone and says
+    what it includes."""
+    own = final_dir / STAGE_ONLY_ADAPTER
+    own.mkdir(exist_ok=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        os.replace(final_dir / name, own / name)
+    combine_lora([*start.chain, own], final_dir)
+    includes = [stage for p, name in zip(start.chain, start.stage_names) for stage in [*_provenance(p), name]]
+    data = {
+        "format": "lmpipeline-adapter-chain/1",
+        "base_model": start.base,
+        "adapters": [{"stage": stage_name, "path": ".", "abs_path": str(final_dir.resolve())}],
+        "includes": [{"stage": name} for name in includes],
+        "combined": f"this folder's adapter is the sum of the earlier stages' adapters and this stage's own "
+                    f"({STAGE_ONLY_ADAPTER}/): load it on base_model with PeftModel.from_pretrained",
+        "trained_as": "stack" if start.stack is not None else "merge",
+    }
+    path = final_dir / CHAIN_FILE
+    path.write_text(json.dumps(data, indent=2))
+    return path
 
 
 def write_chain(final_dir: Path, start: StartPoint, stage_name: str) -> Path:
@@ -210,7 +256,12 @@ class ChainedStart:
         else:
             save_final(model, tokenizer, final_dir, state_dict=state_dict)
         if self.point.chain and cfg.use_lora:
-            write_chain(final_dir, self.point, stage_name)
+            why_not = combinable([*self.point.chain, final_dir])
+            if why_not is None:
+                write_combined(final_dir, self.point, stage_name)
+            else:  # the chain file still rebuilds the model: each adapter merged in order
+                log.info("[%s] final/ keeps this stage's adapter and the chain file (%s)", stage_name, why_not)
+                write_chain(final_dir, self.point, stage_name)
 
     def notes(self) -> dict:
         return {"start": self.point.describe(), "base_model": self.point.base,
