@@ -1,7 +1,9 @@
 """Plan before you spend: a memory and time estimator, auto-fit, and the fit check before loading.
 
     estimate.py    peak GPU memory by part (weights, adapters, gradients, optimizer, activations, logits),
-                   time from FLOPs, suggestions that make a run fit; calibrated against measured peaks
+                   calibrated against measured peaks
+    timing.py      time from FLOPs at a stated MFU
+    suggest.py     the changes that make a run fit a GPU it does not
     profile.py     a stage's data read cheaply: row count and a sample of token lengths
     hardware.py    the GPU table, the headroom a run needs, the GPU this process has
     autofit.py     `per_device_train_batch_size: auto` / `gradient_checkpointing: auto` and the GPU probe step

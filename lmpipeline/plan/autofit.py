@@ -35,7 +35,7 @@ from lmpipeline.data.build import make_batch_plans
 from lmpipeline.errors import UserError
 from lmpipeline.models.loading import enable_gradient_checkpointing
 from lmpipeline.plan import estimate as est
-from lmpipeline.plan import hardware
+from lmpipeline.plan import hardware, timing
 from lmpipeline.train.optim import planned_steps
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def resolve_auto(stage, method, arch: Architecture | None, device: hardware.GPU 
                 setup = est.setup_from_stage(trial, method, torch_dtype=torch_dtype, impl=impl, arch=arch)
                 mem = est.estimate_memory(arch, setup, profile, est.rows_seen(trial, profile) if profile else None)
                 if mem.peak <= budget:
-                    speed = est.estimate_time(arch, setup, device, profile).tokens_per_second
+                    speed = timing.estimate_time(arch, setup, device, profile).tokens_per_second
                     best[fraction] = (b, mem.peak, speed)
                     break
         if best:

@@ -36,13 +36,7 @@ own kernels save different tensors).
   (embeddings, LM head, norms) to float32, so the residual stream and the MLP outputs of bitsandbytes
   layers are float32 too.
 
-Time: FLOPs per token = k x N (N = weights every token multiplies through, LM head included; k = 4
-for LoRA: forward + backward to activations, 4 x 3.21 GFLOP on Llama-3.2-3B; 6 for full
-fine-tuning; +2 with checkpointing; DPO adds 2 per token for the reference forward unless precomputed),
-attention FLOPs not counted, at `DEFAULT_MFU` of the GPU's attainable matmul rate. Padded batches are
-charged for their padding, and micro-batches under 4,096 tokens run at proportionally lower MFU (fitted
-to the bench: 749 tokens/s unpacked vs 8,099 packed, same model and GPU). QLoRA runs at 0.89 of that
-(bench: 666 vs 749 tokens/s). Treat times as +-50%.
+Time and suggestions are plan/timing.py's and plan/suggest.py's.
 """
 
 from __future__ import annotations
@@ -79,10 +73,6 @@ OURS_LOSS_CHUNK_ELEMENTS = 1 << 25
 BWD_TRANSIENT_HIDDEN = 4
 BWD_TRANSIENT_INTERMEDIATE = 8
 
-DEFAULT_MFU = 0.20  # the best peer measured reaches 20% of the H100's attainable 790 TFLOP/s (bench/README.md)
-FULL_MFU_TOKENS = 4096  # micro-batches smaller than this run at proportionally lower MFU
-MIN_MFU = 0.02
-QUANT_SPEED = {"none": 1.0, "4bit": 0.89, "8bit": 0.5}  # 8-bit: LLM.int8 matmuls, rough
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,134 +642,6 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
         notes.append("DPO reference = the model with its adapter disabled: no second copy, one extra no-grad forward")
     notes.extend(arch.notes)
     return MemoryEstimate(parts, details, peak, phase, tokens, row_len, trainable, notes, off)
-
-
-# ----------------------------------------------------------------------------------------------
-# Time
-
-
-@dataclass
-class TimeEstimate:
-    flops_per_token: float
-    tokens_per_epoch: float | None
-    steps_per_epoch: int | None
-    total_steps: int | None
-    total_tokens: float | None
-    tokens_per_second: float
-    seconds_per_epoch: float | None
-    seconds_total: float | None
-    mfu: float
-    basis: str
-
-    def as_dict(self) -> dict:
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profile: TokenProfile | None = None, *,
-                  epochs: float = 1.0, max_steps: int = -1, world: int = 1, mfu: float = DEFAULT_MFU) -> TimeEstimate:
-    profile = profile or TokenProfile()
-    N = arch.matmul_params
-    recompute = checkpointed_layers(arch.num_layers, setup) / max(arch.num_layers, 1)  # share of layers run twice
-    k = (4 if setup.use_lora else 6) + 2 * recompute
-    ref = 2 if setup.reference in ("adapter_disabled", "frozen_copy") else 0
-    flops_per_token = (k + ref) * N
-    mean = profile.mean(setup.seq_len)
-    if setup.shared_prompt and profile.prompt_tokens:  # each row carries half of its pair's one prompt
-        mean -= profile.prompt_tokens / 2
-    rows_per_step = setup.rows * setup.grad_accum * world
-    inflation = 1.0 if setup.packing else profile.padding_inflation(setup.rows, setup.seq_len)
-    micro_tokens = setup.micro_batch * setup.seq_len if setup.packing else setup.rows * mean * inflation
-    if setup.micro_batch_tokens:  # regrouped: as many rows of the step as the budget holds
-        micro_tokens = min(setup.micro_batch_tokens, micro_tokens * setup.grad_accum)
-    eff = mfu * QUANT_SPEED.get(setup.quant, 1.0) * min(1.0, micro_tokens / FULL_MFU_TOKENS)
-    eff = max(eff, MIN_MFU * QUANT_SPEED.get(setup.quant, 1.0))
-    computed_per_s = eff * device.matmul_tflops * 1e12 / flops_per_token
-    tokens_per_s = computed_per_s / inflation
-    if profile.rows:
-        n_rows = profile.rows * setup.terms.rows_per_unit
-        tokens_per_epoch = n_rows * mean
-        if setup.packing:
-            steps = math.ceil(tokens_per_epoch / (setup.micro_batch * setup.seq_len * 0.97) / (setup.grad_accum * world))
-        else:
-            steps = math.ceil(n_rows / rows_per_step)
-        basis = f"{profile.rows:,} rows x {mean:,.0f} tokens ({profile.source})"
-    else:
-        tokens_per_epoch, steps = None, None
-        basis = "dataset size unknown"
-    if max_steps and max_steps > 0:
-        total_steps = max_steps
-        if setup.packing:
-            per_step = setup.micro_batch * setup.seq_len * 0.97 * setup.grad_accum * world
-        else:
-            per_step = rows_per_step * mean
-        total_tokens = total_steps * per_step
-        if not profile.rows and not profile.lengths:
-            basis = f"max_steps {max_steps} x {rows_per_step} rows x {setup.seq_len} tokens (upper bound: row lengths unknown)"
-        elif not profile.rows:
-            basis = f"max_steps {max_steps} x {rows_per_step} rows x {mean:,.0f} tokens ({profile.source})"
-    elif tokens_per_epoch is not None:
-        total_steps = math.ceil(epochs * steps)
-        total_tokens = epochs * tokens_per_epoch
-    else:
-        total_steps, total_tokens = None, None
-    return TimeEstimate(
-        flops_per_token=float(flops_per_token), tokens_per_epoch=tokens_per_epoch, steps_per_epoch=steps,
-        total_steps=total_steps, total_tokens=total_tokens, tokens_per_second=tokens_per_s,
-        seconds_per_epoch=tokens_per_epoch / tokens_per_s / world if tokens_per_epoch else None,
-        seconds_total=total_tokens / tokens_per_s / world if total_tokens else None,
-        mfu=eff, basis=basis)
-
-
-# ----------------------------------------------------------------------------------------------
-# What would make it fit
-
-
-def suggestions(arch: Architecture, setup: Setup, device: hardware.GPU, profile: TokenProfile | None = None,
-                rows_seen: int | None = None) -> list[tuple[str, float, bool]]:
-    """Changes that lower the peak, each with its new peak and whether it fits `device`: (text, peak, fits)."""
-    out: list[tuple[str, float, bool]] = []
-    current = estimate_memory(arch, setup, profile, rows_seen).peak
-
-    def add(text: str, **changes):
-        est = estimate_memory(arch, replace(setup, **changes), profile, rows_seen)
-        if est.peak < current:  # a change that does not lower the peak here is not offered
-            out.append((text, est.peak, hardware.fits(est.peak, device)))
-
-    if not setup.gradient_checkpointing:
-        add("gradient_checkpointing: true, gradient_checkpointing_fraction: 0.5 (half the layers)",
-            gradient_checkpointing=True, checkpoint_fraction=0.5)
-        add("gradient_checkpointing: true", gradient_checkpointing=True, checkpoint_fraction=1.0)
-    elif setup.checkpoint_fraction < 1.0:
-        add("gradient_checkpointing_fraction: 1.0 (every layer)", checkpoint_fraction=1.0)
-    if not setup.terms.scores_completions and setup.loss_path == "full_logits" and not setup.liger and setup.impl == "lmpipeline":
-        add("chunked_loss: true (trained positions through the LM head in chunks, no full logits)", loss_path="auto")
-    if setup.terms.packs_rows and (setup.packing or setup.padding_free) and setup.attn == "sdpa":
-        add("attn_implementation: varlen (no block mask over packed rows)", attn="varlen")
-    if setup.use_lora and setup.quant == "none":
-        add("use_4bit: true (QLoRA)", quant="4bit")
-    if not setup.use_lora:
-        add("use_lora: true", use_lora=True)
-        add("use_lora: true + use_4bit: true (QLoRA)", use_lora=True, quant="4bit")
-        if setup.optim in ("adamw_torch", "adamw", "adamw_torch_fused"):
-            add("optim: adamw_8bit", optim="adamw_8bit")
-    if setup.micro_batch > 1:
-        b = max(1, setup.micro_batch // 2)
-        ga = setup.grad_accum * setup.micro_batch // b
-        add(f"per_device_train_batch_size: {b}, gradient_accumulation_steps: {ga} (same global batch)",
-            micro_batch=b, grad_accum=ga)
-        if b > 1:
-            add(f"per_device_train_batch_size: 1, gradient_accumulation_steps: {setup.grad_accum * setup.micro_batch}",
-                micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
-    if setup.seq_len > 512:
-        add(f"max_seq_length: {setup.seq_len // 2}", seq_len=setup.seq_len // 2)
-    combo = dict(gradient_checkpointing=True, checkpoint_fraction=1.0, micro_batch=1, grad_accum=setup.grad_accum * setup.micro_batch)
-    if setup.use_lora and setup.quant == "none":
-        combo["quant"] = "4bit"
-    if not setup.terms.scores_completions and setup.impl == "lmpipeline" and setup.loss_path == "full_logits":
-        combo["loss_path"] = "auto"
-    if len(combo) > 1:
-        add("all of: " + ", ".join(f"{k}={v}" for k, v in combo.items()), **combo)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,17 +18,16 @@ from lmpipeline.plan import autofit, hardware
 from lmpipeline.plan.estimate import (
     MemoryEstimate,
     Setup,
-    TimeEstimate,
     TokenProfile,
     _without_flash_kernel,
     estimate_memory,
-    estimate_time,
     rows_seen,
     setup_from_stage,
-    suggestions,
 )
 from lmpipeline.errors import UserError
 from lmpipeline.plan.profile import profile_data
+from lmpipeline.plan.suggest import suggestions
+from lmpipeline.plan.timing import TimeEstimate, estimate_time
 
 log = logging.getLogger(__name__)
 

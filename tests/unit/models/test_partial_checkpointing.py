@@ -5,11 +5,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmpipeline.models.loading import enable_gradient_checkpointing
-from lmpipeline.plan import estimate as est
-from lmpipeline.models.loading import checkpointed_layer_indices
-from lmpipeline.plan import hardware
 from lmpipeline.config.presets import load_shipped
+from lmpipeline.models.loading import checkpointed_layer_indices, enable_gradient_checkpointing
+from lmpipeline.plan import estimate as est
+from lmpipeline.plan import hardware, timing
 
 
 @pytest.mark.parametrize("n,fraction,expected", [
@@ -78,7 +77,7 @@ def test_estimate_and_time_lie_between_none_and_full():
     for gc, fraction in ((False, 1.0), (True, 0.25), (True, 0.5), (True, 1.0)):
         setup = est.replace(base, gradient_checkpointing=gc, checkpoint_fraction=fraction)
         peaks.append(est.estimate_memory(arch, setup).peak)
-        times.append(est.estimate_time(arch, setup, hardware.gpu("h100")).flops_per_token)
+        times.append(timing.estimate_time(arch, setup, hardware.gpu("h100")).flops_per_token)
     assert peaks[0] > peaks[1] > peaks[2] > peaks[3]
     assert times[0] < times[1] < times[2] < times[3]
     # a quarter of the layers checkpointed saves about a quarter of what checkpointing all of them saves

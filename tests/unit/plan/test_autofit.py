@@ -57,7 +57,8 @@ def test_auto_picks_the_largest_fitting_batch_and_keeps_the_global_batch(arch, g
 
 def test_more_memory_never_makes_the_choice_worse(arch):
     """With more memory the share of layers recomputed never grows and the estimated speed never falls."""
-    from lmpipeline.plan.estimate import checkpointed_layers, estimate_time
+    from lmpipeline.plan.estimate import checkpointed_layers
+    from lmpipeline.plan.timing import estimate_time
 
     recomputed, speeds = [], []
     for g in (12, 16, 24, 40, 80):

@@ -151,7 +151,7 @@ TIME_CASES = [
 @pytest.mark.parametrize("name, measured, changes", TIME_CASES, ids=[c[0] for c in TIME_CASES])
 def test_time_model_against_bench_throughput(name, measured, changes):
     from lmpipeline.plan import hardware
-    from lmpipeline.plan.estimate import estimate_time
+    from lmpipeline.plan.timing import estimate_time
 
     t = estimate_time(load_shipped("llama-3.2-3b"), Setup(**{**BASE, **changes}), hardware.gpu("h100-80gb"),
                       sft_bench_profile())

@@ -8,8 +8,9 @@ import torch
 
 from lmpipeline.methods import method_for
 from lmpipeline.plan import hardware
-from lmpipeline.plan.estimate import (GIB, Setup, TokenProfile, estimate_memory, estimate_time,
-                                      layer_activation_bytes, layer_constant_bytes, suggestions)
+from lmpipeline.plan.estimate import GIB, Setup, TokenProfile, estimate_memory, layer_activation_bytes, layer_constant_bytes
+from lmpipeline.plan.suggest import suggestions
+from lmpipeline.plan.timing import estimate_time
 from lmpipeline.config.presets import Architecture, load_shipped
 
 DPO_TERMS = method_for("dpo").terms
