@@ -13,6 +13,8 @@ import json
 from lmpipeline.plan import hardware
 from lmpipeline.methods import method_for
 from lmpipeline.plan.estimate import GIB, _g, _n, fmt_seconds
+from lmpipeline.config.presets import resolve_architecture
+from lmpipeline.plan.generation_plan import DEFAULT_PROMPT_TOKENS, GenerationPlan, plan_generation
 from lmpipeline.plan.stage_plan import StagePlan, plan_config
 
 
@@ -109,18 +111,50 @@ def estimate_command(config: str, overrides: list[str], *, gpu: str | None = Non
         except ValueError as e:
             raise UserError(str(e), key="--gpu") from None
     plans = plan_config(cfg, method_for, device=device, read_data=read_data)
+    generating = generation_plans(cfg, device)
     if as_json:
-        print(json.dumps([p.as_dict() for p in plans], indent=2, default=str))
+        print(json.dumps([p.as_dict() for p in plans + generating], indent=2, default=str))
     else:
         print(f"estimate for {config} (one GPU; per-device figures also hold for each GPU of a data-parallel run)")
         if not plans:
             print("  no training stages")
         for p in plans:
             print(format_plan(p))
+        for g in generating:
+            print(format_generation(g))
         derived = {k: v for k, v in cfg._derived.items() if k != "preset_sources"}
         if derived:
             print("derived by presets: " + ", ".join(f"{k}={v}" for k, v in derived.items()))
-    return 1 if device is not None and any(p.fits is False for p in plans) else 0
+    return 1 if device is not None and any(p.fits is False for p in plans + generating) else 0
+
+
+def generation_plans(cfg, device) -> list[GenerationPlan]:
+    """One plan per stage that generates (eval with a golden set), sized by its own settings."""
+    arch = resolve_architecture(cfg.model_name_or_path, preset=getattr(cfg, "preset", None))
+    if arch is None:
+        return []
+    lengths = [cfg.stage(n).max_seq_length for n in cfg.stages if method_for(n) is not None]
+    out = []
+    for name in cfg.stages:
+        if cfg.stage_kinds.get(name) != "eval" or not cfg.stage(name).golden_set:
+            continue
+        stage = cfg.stage(name)
+        out.append(plan_generation(name, arch, slots=stage.generation_batch_size, max_new_tokens=stage.max_new_tokens,
+                                   prompt_tokens=max(lengths, default=DEFAULT_PROMPT_TOKENS), device=device))
+    return out
+
+
+def format_generation(plan: GenerationPlan) -> str:
+    e = plan.engine
+    lines = [f"[{plan.name}] generation (the engine: {plan.slots} slots of up to {plan.max_len:,} tokens)",
+             f"    weights                 {_g(plan.weights):>10}   inference dtype, adapters unmerged",
+             f"    kv cache                {_g(e.kv_cache):>10}",
+             f"    sampling + slot state   {_g(e.sampling + e.slot_state):>10}",
+             f"    prefill pass            {_g(e.prefill):>10}",
+             f"    = peak                  {_g(plan.peak):>10}"]
+    if plan.device is not None:
+        lines.append(f"  on {plan.device.name}: {'fits' if plan.fits else 'DOES NOT FIT'}")
+    return "\n".join(lines)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -61,7 +61,7 @@ class EvalConfig(_LifecycleStage):
         "assistant", description="Tokens the loss is measured on for chat rows: assistant turns, or all."
     )
     per_device_eval_batch_size: int = Field(8, gt=0, description="Batch size of the loss pass.")
-    generation_batch_size: int = Field(8, gt=0, description="Prompts generated together (left padded).")
+    generation_batch_size: int = Field(8, gt=0, description="Prompts generated together (the engine's slots).")
     max_new_tokens: int = Field(256, gt=0, description="Longest generated answer, in tokens.")
     metrics: list[Literal["exact_match", "rouge_l", "bleu"]] = Field(
         list(METRIC_NAMES), description="Reference metrics (rows without a reference are skipped)."

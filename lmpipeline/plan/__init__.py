@@ -4,6 +4,7 @@
                    calibrated against measured peaks
     timing.py      time from FLOPs at a stated MFU
     suggest.py     the changes that make a run fit a GPU it does not
+    generation_plan.py  the memory of a stage that generates: weights + the engine's KV cache and buffers
     profile.py     a stage's data read cheaply: row count and a sample of token lengths
     hardware.py    the GPU table, the headroom a run needs, the GPU this process has
     autofit.py     `per_device_train_batch_size: auto` / `gradient_checkpointing: auto` and the GPU probe step
