@@ -53,3 +53,17 @@ def test_pairs_whose_prompts_all_overflow_name_max_prompt_length(tmp_path, tiny_
     code, out = _run(tmp_path / "run", tiny_model, data, "dpo", capsys, max_seq_length=32)
     assert code == 2, out
     assert "stage_configs.dpo.max_prompt_length" in out and "every one of the 8 preference pairs" in out, out
+
+
+def test_a_template_without_a_known_end_of_turn_names_a_key_that_exists(tiny_model):
+    """The warning once told users to set `end_of_turn`, which no config has; it names chat_template."""
+    from transformers import AutoTokenizer
+
+    from lmpipeline.config.schema import SFTConfig
+    from lmpipeline.data.masking import check_trained_tokens
+
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"  # no turn terminator
+    warnings = check_trained_tokens([], AutoTokenizer.from_pretrained(tiny_model), template)
+    said = " ".join(warnings)
+    assert "end-of-turn token" in said and "set chat_template" in said, warnings
+    assert "end_of_turn" not in said and "chat_template" in SFTConfig.model_fields and "end_of_turn" not in SFTConfig.model_fields
