@@ -8,10 +8,10 @@ method up here (`method_for`) instead of comparing its name.
 from __future__ import annotations
 
 from lmpipeline.config.schema import STAGE_ALIASES, register_stage_kind
-from lmpipeline.methods import dpo, sft
+from lmpipeline.methods import dpo, kto, orpo, rm, sft
 from lmpipeline.methods.method import EstimatorTerms, InspectView, Method
 
-METHODS: tuple[Method, ...] = (sft.METHOD, dpo.METHOD)
+METHODS: tuple[Method, ...] = (sft.METHOD, dpo.METHOD, kto.METHOD, orpo.METHOD, rm.METHOD)
 BY_KIND: dict[str, Method] = {m.name: m for m in METHODS}
 
 for _m in METHODS:

@@ -177,6 +177,11 @@ class EstimatorTerms:
     varlen_by_default   its rows sit end to end under varlen attention whenever the kernel runs
     shares_prompt       `share_prompt:` applies: under varlen a pair's prompt runs once
     scores_completions  the loss reads only completion positions through the LM head (no full logits)
+    no_grad_rows        further policy rows per unit run without gradients (KTO's KL rows: a forward
+                        each, no activations kept)
+    reference_rows      rows the reference runs per unit (None: the trained rows, as DPO's pair)
+    lm_head             whether the rows go through the LM head over the vocabulary (False: a reward
+                        model's score head, one number per position)
     """
 
     rows_per_unit: int = 1
@@ -185,6 +190,16 @@ class EstimatorTerms:
     varlen_by_default: bool = False
     shares_prompt: bool = False
     scores_completions: bool = False
+    no_grad_rows: int = 0
+    reference_rows: int | None = None
+    lm_head: bool = True
+
+    def forward_factor(self, reference: str) -> float:
+        """Forwards beside the trained rows', per trained row: the policy's rows without gradients and
+        the reference's rows (none when precomputed or reference-free). A forward is 2N FLOPs per token."""
+        ref = self.rows_per_unit if self.reference_rows is None else self.reference_rows
+        ref = ref if reference in ("adapter_disabled", "frozen_copy") else 0
+        return (self.no_grad_rows + ref) / self.rows_per_unit
 
 
 SFT_TERMS = EstimatorTerms()  # one row per item, the model's own loss: what a Setup assumes unless told
@@ -498,6 +513,8 @@ def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -
     """Bytes the loss holds at its own peak (logits and their gradients), for `tokens` in the micro-batch
     and `positions` scored through the LM head."""
     V, H = arch.vocab_size, arch.hidden_size
+    if not setup.terms.lm_head:  # a score head: [tokens, 1] fp32 logits and their gradient
+        return 8.0 * tokens, "score head (one number per position)"
     head_fp32 = False  # the LM head stays in the compute dtype (see _flow)
     cast = 0
     if setup.liger and not setup.terms.scores_completions:
@@ -693,11 +710,11 @@ class TimeEstimate:
 def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profile: TokenProfile | None = None, *,
                   epochs: float = 1.0, max_steps: int = -1, world: int = 1, mfu: float = DEFAULT_MFU) -> TimeEstimate:
     profile = profile or TokenProfile()
-    N = arch.matmul_params
+    # A reward model's score head replaces the vocabulary head: its tokens skip V x H multiplies.
+    N = arch.matmul_params - (0 if setup.terms.lm_head else arch.vocab_size * arch.hidden_size)
     recompute = checkpointed_layers(arch.num_layers, setup) / max(arch.num_layers, 1)  # share of layers run twice
     k = (4 if setup.use_lora else 6) + 2 * recompute
-    ref = 2 if setup.reference in ("adapter_disabled", "frozen_copy") else 0
-    flops_per_token = (k + ref) * N
+    flops_per_token = (k + 2 * setup.terms.forward_factor(setup.reference)) * N
     mean = profile.mean(setup.seq_len)
     if setup.shared_prompt and profile.prompt_tokens:  # each row carries half of its pair's one prompt
         mean -= profile.prompt_tokens / 2
