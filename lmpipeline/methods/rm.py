@@ -193,10 +193,12 @@ def build_model(cfg: RMConfig, model_name_or_path: str, tokenizer, *, torch_dtyp
 def merge_adapters(model, adapters: list[Path]):
     """Earlier stages' causal-LM adapters merged into a sequence classifier's backbone: their weights have
     the same names under both heads (the decoder layers), and no adapter trains the score head."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     for adapter in adapters:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        config = PeftConfig.from_pretrained(str(adapter))
+        config.task_type = None  # the plain PeftModel: a CAUSAL_LM wrapper would need the generation head
+        model = PeftModel.from_pretrained(model, str(adapter), config=config).merge_and_unload()
         log.info("merged adapter %s into the reward model's base", adapter)
     return model
 
