@@ -48,6 +48,7 @@ from pydantic import Field, model_validator
 from lmpipeline.config.schema import TrainStageConfig
 from lmpipeline.data.unpaired import UnpairedData, build_unpaired_data, make_unpaired_plans, unpaired_as_example, \
     unpaired_collator
+from lmpipeline.errors import UserError
 from lmpipeline.methods import reference
 from lmpipeline.methods.chained import ChainedRecipe, ChainedStage
 from lmpipeline.methods.dpo import DPOObjective, describe_reference, validate_pairs
@@ -248,6 +249,13 @@ class KTORecipe(ChainedRecipe):
         self.ref_train = self.ref_eval = None
 
     def build_data(self, tokenizer) -> UnpairedData:
+        # Auto values are resolved by now: the config's own check saw `auto`, not what auto-fit chose.
+        if self.cfg.per_device_train_batch_size < 2:
+            raise UserError(f"per_device_train_batch_size is {self.cfg.per_device_train_batch_size}; KTO needs at "
+                            "least 2 (the KL reference point pairs each prompt with another example's completion)",
+                            key=self.key("per_device_train_batch_size"),
+                            hint="set per_device_train_batch_size: 2 (with gradient_checkpointing: true if memory "
+                                 "is short)")
         return build_unpaired_data(self.cfg, tokenizer)
 
     def load_model(self, model, torch_dtype: str):
