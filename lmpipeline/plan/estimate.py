@@ -299,7 +299,8 @@ def _attention(stage, terms: EstimatorTerms, arch: Architecture | None) -> str:
     softcap = arch is not None and arch.attn_softcap
     window = arch is not None and arch.sliding_window and arch.sliding_window < stage.max_seq_length
     # padding_free auto counts as on: the estimate is for a GPU, where the kernel runs (unless NEFTune is on).
-    packed = terms.varlen_by_default or stage.packing or padding_free_on(stage, varlen_runs=True)
+    # packing and padding_free are SFT's (terms.packs_rows); the other methods pad unless varlen_by_default.
+    packed = terms.varlen_by_default or (terms.packs_rows and (stage.packing or padding_free_on(stage, varlen_runs=True)))
     if packed and not softcap and not window:
         return "varlen"
     return "eager" if softcap else "sdpa"
@@ -681,7 +682,8 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
         notes.append(f"full-vocabulary logits cost {_g(loss)} here: chunked_loss: true scores the trained "
                      "positions in chunks")
     if setup.reference == "adapter_disabled":
-        notes.append("DPO reference = the model with its adapter disabled: no second copy, one extra no-grad forward")
+        notes.append("reference = the model with its adapter disabled: no second copy, one extra no-grad forward "
+                     "of its rows")
     notes.extend(arch.notes)
     return MemoryEstimate(parts, details, peak, phase, tokens, row_len, trainable, notes, off)
 

@@ -339,3 +339,25 @@ def test_forwards_without_gradients_and_a_score_head_count(arch3b):
     rm = estimate_memory(arch3b, Setup(terms=method_for("rm").terms, micro_batch=2, seq_len=1024))
     orpo = estimate_memory(arch3b, Setup(terms=method_for("orpo").terms, micro_batch=2, seq_len=1024))
     assert "score head" in rm.details["logits/loss"] and rm.peak <= orpo.peak
+
+
+def test_padded_methods_ignore_sft_packing_keys_and_kto_counts_a_pair_twice(tmp_path):
+    """KTO, ORPO and reward models pad their rows: padding_free (an SFT key, auto by default) does not put
+    them under varlen; and for KTO each preference row of the data is two examples."""
+    import json
+
+    from lmpipeline.methods.kto import KTOConfig
+    from lmpipeline.methods.orpo import ORPOConfig
+    from lmpipeline.plan.estimate import setup_from_stage
+    from lmpipeline.plan.profile import profile_data
+
+    rows = [{"prompt": "say a word", "chosen": "yes indeed", "rejected": "no"}] * 10
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for cls, kind in ((KTOConfig, "kto"), (ORPOConfig, "orpo")):
+        stage = cls(output_dir=str(tmp_path), dataset_name_or_path=str(path), per_device_train_batch_size=2)
+        setup = setup_from_stage(stage, method_for(kind), torch_dtype="bfloat16")
+        assert setup.attn == "sdpa" and not setup.padding_free
+    kto = KTOConfig(output_dir=str(tmp_path), dataset_name_or_path=str(path), per_device_train_batch_size=2)
+    assert profile_data(kto, "unpaired").rows == 2 * profile_data(kto, "preference").rows
+    assert len(profile_data(kto, "unpaired").lengths) == 20
