@@ -110,23 +110,26 @@ def sft_stage(quickstart_data: Path) -> dict:
             "assistant_only_loss": True, **SHORT}
 
 
-def test_sft_then_kto(tmp_path, tiny_model, quickstart_data, small_pairs, capsys):
+@pytest.mark.parametrize("how", ["merge", "stack"])
+def test_sft_then_kto(how, tmp_path, tiny_model, quickstart_data, small_pairs, capsys):
     """Preference pairs turned unpaired (each pair: a desirable and an undesirable example)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     kto = {"dataset_name_or_path": str(small_pairs / "train.jsonl"),
            "eval_dataset_name_or_path": str(small_pairs / "eval.jsonl"), "eval_strategy": "steps", "eval_steps": 2,
-           "beta": 0.1, **SHORT}
+           "beta": 0.1, "from_previous_stage": how, **SHORT}
     path = write_config(tmp_path, tiny_model, {"sft": sft_stage(quickstart_data), "kto": kto})
     entry, stage_dir = run_ok(path, "kto")
     train = assert_method_metrics(stage_dir, "kto", with_eval=True)
     # Step 1 reads the loss before any update: the fresh adapter (B = 0) makes the policy equal to its
-    # reference (the SFT model, adapter disabled), so every log-ratio is 0, z0 = 0 and each example's loss
-    # is 1 - sigmoid(0) = 1/2 exactly, its rewards 0 (fp32 sums of identical forwards).
+    # reference (the SFT model: merged, adapter disabled; stacked, only the frozen SFT adapter active), so
+    # every log-ratio is 0, z0 = 0 and each example's loss is 1 - sigmoid(0) = 1/2 exactly, its rewards 0
+    # (fp32 sums of identical forwards).
     assert train[0]["loss"] == pytest.approx(0.5, abs=1e-6)
     assert train[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
-    assert entry["notes"]["reference"] == "adapter disabled (= SFT model)"
+    assert entry["notes"]["reference"] == ("adapter disabled (= SFT model)" if how == "merge"
+                                           else "only the frozen 'sft' adapter active (= SFT model)")
     assert entry["data"]["train_desirable"] == entry["data"]["train_undesirable"] == 6
 
     final = stage_dir / "final"
@@ -136,7 +139,8 @@ def test_sft_then_kto(tmp_path, tiny_model, quickstart_data, small_pairs, capsys
     model = PeftModel.from_pretrained(base, str(tmp_path / "run" / "sft" / "final")).merge_and_unload()
     model = PeftModel.from_pretrained(model, str(final))
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
-    assert_commands_handle(path, "kto", capsys)
+    if how == "merge":
+        assert_commands_handle(path, "kto", capsys)
 
 
 def test_kto_precomputed_reference_matches_step_one(tmp_path, tiny_model, small_pairs):
@@ -218,7 +222,7 @@ def qwen_tiny(tmp_path_factory, shared_data):
     ("orpo", "preference/llamafactory_dpo_en_demo.json"),
     ("rm", "preference/llamafactory_v1_dpo_demo.jsonl"),
 ])
-def test_real_data_and_tokenizer(method, data, tmp_path, shared_data, qwen_tiny):
+def test_real_data_and_tokenizer(method, data, tmp_path, shared_data, qwen_tiny, capsys):
     stage = {**SHORT, "dataset_name_or_path": str(shared_data / data), "max_samples": 6, "max_seq_length": 256,
              "max_prompt_length": 128}
     path = write_config(tmp_path, qwen_tiny, {method: stage})
@@ -232,3 +236,4 @@ def test_real_data_and_tokenizer(method, data, tmp_path, shared_data, qwen_tiny)
             assert model(**tok(["a reply"], return_tensors="pt")).logits.shape == (1, 1)
     else:
         assert (stage_dir / "final" / "adapter_model.safetensors").exists()
+    assert_commands_handle(path, method, capsys)
