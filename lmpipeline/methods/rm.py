@@ -224,6 +224,15 @@ def load_reward_model(folder: str | Path, *, base: str | None = None, torch_dtyp
 # The stage
 
 
+# The model card's example: a reward is the score head's output at a conversation's last token.
+SCORE_CODE = (
+    'messages = [{"role": "user", "content": "Explain machine learning in one paragraph."},\n'
+    '            {"role": "assistant", "content": "Machine learning fits a model to examples."}]\n'
+    'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True).to(model.device)\n'
+    "print(model(**inputs).logits[0, 0].item())  # higher: the reply is preferred\n"
+)
+
+
 class RMRecipe(ChainedRecipe):
     """The reward model's part of the training-stage lifecycle: a sequence classifier on the start point,
     padded pairs, no reference."""
@@ -276,6 +285,8 @@ METHOD = Method(
     terms=EstimatorTerms(rows_per_unit=2, unit="pair", lm_head=False),
     inspect=inspect_pairs, validate_data=validate_pairs,
     title="reward model (Bradley-Terry)", card_keys=("use_margin", "center_rewards_coefficient"),
+    model_class="AutoModelForSequenceClassification", usage_example=SCORE_CODE,
+    model_kwargs=", num_labels=1, pad_token_id=tokenizer.pad_token_id",
 )
 
 

@@ -205,6 +205,15 @@ def test_sft_then_reward_model(tmp_path, tiny_model, quickstart_data, small_pair
     with torch.no_grad():
         scores = model(**batch).logits
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
+    # The model card's loading code runs as written and scores like load_reward_model.
+    card = (final / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "AutoModelForSequenceClassification" in code and "generate" not in code
+    namespace: dict = {}
+    exec(code.replace('device_map="auto"', 'dtype=torch.float32'), {"torch": torch}, namespace)
+    card_model = namespace["model"].eval()
+    with torch.no_grad():
+        assert torch.allclose(card_model(**batch).logits, scores, atol=1e-5)
     assert_commands_handle(path, "rm", capsys)
 
 
