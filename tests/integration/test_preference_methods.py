@@ -246,3 +246,13 @@ def test_real_data_and_tokenizer(method, data, tmp_path, shared_data, qwen_tiny,
     else:
         assert (stage_dir / "final" / "adapter_model.safetensors").exists()
     assert_commands_handle(path, method, capsys)
+
+
+def test_merge_refuses_a_reward_model(tmp_path, tiny_model, small_pairs, capsys):
+    """merge writes a causal LM: after rm it stops with the key instead of dropping the score head."""
+    rm = {"dataset_name_or_path": str(small_pairs / "train.jsonl"), **SHORT, "max_steps": 1}
+    path = write_config(tmp_path, tiny_model, {"rm": rm, "merge": {}})
+    assert main(["run", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "would drop its head" in err and "AutoModelForSequenceClassification" in err
+    assert not (tmp_path / "run" / "merge" / "final").exists()
