@@ -40,7 +40,7 @@ from lmpipeline.context import RUN_FILE, RunContext, StageResult
 from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
-from lmpipeline.methods import method_for
+from lmpipeline.methods import makes_causal_lm, method_for
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,8 @@ def check_causal(ctx: RunContext, stage_names, merge_name: str) -> None:
     score), which the merged folder would silently lose."""
     kinds = {out.name: out.kind for out in ctx.completed}
     for stage in stage_names:
-        method = method_for(kinds.get(stage, ""))
-        if method is not None and method.model_class != "AutoModelForCausalLM":
+        if not makes_causal_lm(kinds.get(stage, "")):
+            method = method_for(kinds[stage])
             raise UserError(f"stage `{stage}` trained a {method.title or method.name}, a {method.model_class}; "
                             "merge writes a causal LM and would drop its head", key=f"stages ({merge_name})",
                             hint=f"leave {merge_name} out after it: {stage}/final loads as its model card "

@@ -256,3 +256,14 @@ def test_merge_refuses_a_reward_model(tmp_path, tiny_model, small_pairs, capsys)
     err = capsys.readouterr().err
     assert "would drop its head" in err and "AutoModelForSequenceClassification" in err
     assert not (tmp_path / "run" / "merge" / "final").exists()
+
+
+def test_eval_leaves_a_reward_model_out(tmp_path, tiny_model, small_pairs, quickstart_data):
+    """eval measures loss and generations: after rm it compares the causal LMs only (here the base)."""
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text("\n".join((quickstart_data / "golden.jsonl").read_text().splitlines()[:2]) + "\n")
+    rm = {"dataset_name_or_path": str(small_pairs / "train.jsonl"), **SHORT, "max_steps": 1}
+    path = write_config(tmp_path, tiny_model, {"rm": rm, "eval": {"golden_set": str(golden), "max_new_tokens": 4}})
+    assert main(["run", str(path)]) == 0
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["base"]
