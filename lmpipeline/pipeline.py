@@ -484,6 +484,8 @@ def _write_stage_card(result: StageResult, stage_cfg, method, cfg: PipelineConfi
         chain = read_chain_file(result.final_dir)
         card = render_stage_card(result.final_dir, stage_name=result.stage_name, kind=method.name,
                                  method_title=method.title, shown_keys=method.card_keys,
+                                 model_class=method.model_class, usage_example=method.usage_example,
+                                 model_kwargs=method.model_kwargs,
                                  base_model=chain.base if chain else cfg.model_name_or_path,
                                  params=stage_cfg.model_dump(), data=result.data or {}, metrics=result.metrics or {},
                                  global_step=result.global_step, adapter=result.adapter,

@@ -1,4 +1,4 @@
-"""Write docs/config.md from the config schema, so the reference can never drift from the code.
+"""Write docs/config.md from the config schema and the method table (each method's config class), so the reference can never drift from the code.
 
     python scripts/config_reference.py          # rewrite docs/config.md
     python scripts/config_reference.py --check  # exit 1 if it is stale (used by the tests)
@@ -16,12 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmpipeline.config import lifecycle, schema  # noqa: E402
+from lmpipeline.methods import METHODS  # noqa: E402
+
+
+def _names(method) -> str:
+    return "/".join(f"`{n}`" for n in method.names)
+
 
 SECTIONS = [
     ("Top level (pipeline form)", schema.PipelineConfig, None),
-    ("Training stages: shared keys (`sft`/`trl_sft`, `dpo`)", schema.TrainStageConfig, None),
-    ("`sft` only", schema.SFTConfig, schema.TrainStageConfig),
-    ("`dpo` only (and changed defaults)", schema.DPOConfig, schema.TrainStageConfig),
+    (f"Training stages: shared keys ({', '.join(_names(m) for m in METHODS)})", schema.TrainStageConfig, None),
+    *[(f"{_names(m)} only (and changed defaults): {m.title or m.summary}", m.config_class, schema.TrainStageConfig)
+      for m in METHODS],
     ("A dataset in a mixture (`dataset_name_or_path: [...]`)", schema.DatasetSpec, None),
 ]
 
@@ -49,7 +55,7 @@ def render() -> str:
     parts = [
         "# Config reference",
         "",
-        "Generated from `lmpipeline/config/schema.py` by `scripts/config_reference.py`; do not edit by hand.",
+        "Generated from `lmpipeline/config/schema.py` and the method table (`lmpipeline/methods`) by `scripts/config_reference.py`; do not edit by hand.",
         "Unknown keys are errors. Seed 000's sectioned form (`model:`, `lora:`, `training:`, `dataset:`) is",
         "translated to these keys (see `SECTIONED_KEYS` in `lmpipeline/config/loader.py`).",
         "",

@@ -37,6 +37,7 @@ from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
 from lmpipeline.evaluate import metrics as mt
+from lmpipeline.methods import makes_causal_lm
 from lmpipeline.numbers import fmt_number
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,14 @@ def models_to_compare(cfg: EvalConfig, ctx: RunContext) -> list[Candidate]:
             raise UserError(f"no finished sft/dpo stage named {', '.join(unknown)}; finished: "
                             f"{', '.join(sorted(names)) or 'none'}", key=_key(cfg, "models"))
         trained = [(i, s) for i, s in trained if s.name in cfg.models]
+    # A reward model scores, it does not generate: eval compares the causal LMs only.
+    scorers = [s.name for _, s in trained if not makes_causal_lm(s.kind)]
+    if scorers and cfg.models is not None:
+        raise UserError(f"{', '.join(scorers)} trained a model that scores sequences, not one that generates; eval "
+                        "measures loss and generations", key=_key(cfg, "models"), hint="leave it out of models")
+    if scorers:
+        log.info("eval leaves out %s: a model that scores sequences, not one that generates", ", ".join(scorers))
+    trained = [(i, s) for i, s in trained if makes_causal_lm(s.kind)]
     out = []
     if cfg.compare_base:
         out.append(Candidate("base", "base", gen.ModelSpec(base=ctx.base_model, tokenizer=ctx.tokenizer_path or ctx.base_model,

@@ -178,27 +178,51 @@ def _datasets(params: dict) -> list[str]:
     return [s["path"] if isinstance(s, dict) else str(s) for s in spec or []]
 
 
-def _stage_usage(final_dir: Path, base: str, chain: list[str], adapter: bool) -> str:
+def _stage_usage(final_dir: Path, base: str, chain: list[str], adapter: bool, model_class: str = "AutoModelForCausalLM",
+                 example: str | None = None, model_kwargs: str = "") -> str:
+    """How to load a stage's final folder: `model_class`, `model_kwargs` (more from_pretrained arguments; they
+    may read `tokenizer`) and `example` (what to do with the model) are its method's; the defaults load a
+    causal LM and generate."""
     location = str(final_dir)
+    causal = model_class == "AutoModelForCausalLM" and example is None and not model_kwargs
+    if causal and (not adapter or len(chain) <= 1):
+        return usage_code({"content": "adapter" if adapter else "full", "base_model": base}, location,
+                          subfolder_arg=False)
+    example = GENERATE_CODE if example is None else example
+    tokenizer = f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n'
+    before, after = ("", tokenizer + "\n") if causal else (tokenizer, "\n")
+
+    def load(where: str) -> str:
+        return f'model = {model_class}.from_pretrained("{where}", device_map="auto"{model_kwargs})\n'
+
+    head = f"from transformers import {model_class}, AutoTokenizer\n"
     if not adapter:
-        return usage_code({"content": "full"}, location, subfolder_arg=False)
+        return head + "\n" + before + load(location) + after + example
     if len(chain) <= 1:
-        return usage_code({"content": "adapter", "base_model": base}, location, subfolder_arg=False)
-    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "from peft import PeftModel\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{base}", device_map="auto")\n'
+        return (head + "from peft import PeftModel\n\n" + before + load(base) +
+                f'model = PeftModel.from_pretrained(model, "{location}")\n' + after + example)
+    if causal:
+        imports, apply = "from peft import PeftModel\n\n", "    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()\n"
+    else:  # earlier causal-LM adapters on another head: the plain PeftModel (no generation wrapper)
+        imports = "from peft import PeftConfig, PeftModel\n\n"
+        apply = ("    config = PeftConfig.from_pretrained(adapter)\n"
+                 "    config.task_type = None\n"
+                 "    model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()\n")
+    return (head + imports + before + load(base) +
             "# This adapter was trained on top of the earlier stages' adapters: apply them in this order.\n"
-            f"for adapter in {chain!r}:\n"
-            "    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()\n"
-            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n\n' + GENERATE_CODE)
+            f"for adapter in {chain!r}:\n" + apply + after + example)
 
 
 def render_stage_card(final_dir: Path, *, stage_name: str, kind: str, base_model: str, params: dict, data: dict,
                       metrics: dict, global_step: int | None, adapter: bool, chain: list[str] | None = None,
-                      method_title: str | None = None, shown_keys: tuple[str, ...] = ()) -> str:
+                      method_title: str | None = None, shown_keys: tuple[str, ...] = (),
+                      model_class: str = "AutoModelForCausalLM", usage_example: str | None = None,
+                      model_kwargs: str = "") -> str:
     """README.md of a training stage's output folder. `chain`: the adapter folders to apply in order (the
     earlier stages' and this one) when the stage trained on top of earlier adapters; `method_title` and
-    `shown_keys`: how the stage's method names itself and the config keys of its own the card shows."""
+    `shown_keys`: how the stage's method names itself and the config keys of its own the card shows;
+    `model_class`, `model_kwargs` and `usage_example`: how its model loads and is used (a causal LM that
+    generates)."""
     datasets = _datasets(params)
     meta = {"base_model": base_model, "content": "adapter" if adapter else "full", "datasets": datasets,
             "stages": [{"kind": kind, "adapter": adapter, "hyperparameters": params}]}
@@ -225,7 +249,8 @@ def render_stage_card(final_dir: Path, *, stage_name: str, kind: str, base_model
     if shown:
         lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {fmt_number(v)} |" for k, v in shown.items()]
-    lines += ["", "## How to load it", "", "```python", _stage_usage(Path(final_dir), base_model, chain, adapter).rstrip(),
+    lines += ["", "## How to load it", "", "```python", _stage_usage(Path(final_dir), base_model, chain, adapter, model_class,
+                                                                usage_example, model_kwargs).rstrip(),
               "```", "", "The run folder's `run.json` holds the whole resolved config, the data fingerprints and the "
               "package versions; `lmpipeline package` bundles this model with its card for sharing.", ""]
     return "\n".join(lines)

@@ -40,6 +40,7 @@ from lmpipeline.context import RUN_FILE, RunContext, StageResult
 from lmpipeline.data.cache import file_sha256
 from lmpipeline.errors import UserError
 from lmpipeline.evaluate import generation as gen
+from lmpipeline.methods import makes_causal_lm, method_for
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,19 @@ def _generation_config(model, tok) -> dict:
     return {"generation_config.eos_token_id": {"from": current, "to": gc.eos_token_id}}
 
 
+def check_causal(ctx: RunContext, stage_names, merge_name: str) -> None:
+    """Merging writes a causal LM: refuse an adapter whose method trained another head (a reward model's
+    score), which the merged folder would silently lose."""
+    kinds = {out.name: out.kind for out in ctx.completed}
+    for stage in stage_names:
+        if not makes_causal_lm(kinds.get(stage, "")):
+            method = method_for(kinds[stage])
+            raise UserError(f"stage `{stage}` trained a {method.title or method.name}, a {method.model_class}; "
+                            "merge writes a causal LM and would drop its head", key=f"stages ({merge_name})",
+                            hint=f"leave {merge_name} out after it: {stage}/final loads as its model card "
+                                 "(README.md) shows")
+
+
 class MergeStage:
     """`MergeStage(MergeConfig).execute(ctx)` -> StageResult with the merged model in <stage>/final."""
 
@@ -264,6 +278,7 @@ class MergeStage:
             log.info("[%s] the latest model (%s) has full weights: nothing to merge", name, spec.base)
             return StageResult(name, out, Path(spec.base), adapter=False,
                                notes={"skipped": "the latest model has full weights; nothing to merge"})
+        check_causal(ctx, spec.stage_names, name)
         quant = {}
         if (Path(ctx.run_dir) / RUN_FILE).is_file():
             run = gen.read_run(ctx.run_dir)

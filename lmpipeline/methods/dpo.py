@@ -75,7 +75,7 @@ from lmpipeline.data.preference import (
     pairs_digest,
 )
 from lmpipeline.errors import UserError
-from lmpipeline.methods import losses, ref_cache
+from lmpipeline.methods import losses, ref_cache, reference
 from lmpipeline.methods.lifecycle import checked_config, run_training
 from lmpipeline.methods.logprobs import (
     choose_logps_path,
@@ -281,7 +281,7 @@ class DPORecipe:
             "loss_type": cfg.loss_type,
             "beta": cfg.beta,
             **self.start.notes(),
-            "reference": _describe_reference(self.mode, self.start.point, self.in_memory),
+            "reference": describe_reference(self.mode, self.start.point, self.in_memory),
             "dropout_disabled_modules": dropped,
             "ref_cache": "off",
         }
@@ -374,24 +374,9 @@ class DPORecipe:
 def reference_mode(cfg: DPOConfig, *, stacked: bool, key: str) -> str:
     """How the objective obtains reference log-probs for this config (REFERENCE_MODES), or a UserError
     for a combination that cannot work. `stacked`: the previous adapter is kept frozen under the new one."""
-    if cfg.loss_type in losses.REFERENCE_FREE:
-        if cfg.reference not in ("auto", "none"):
-            raise UserError(f"loss_type {cfg.loss_type} is reference-free; reference: {cfg.reference} has no "
-                            "effect", key=key, hint="set reference: auto (or none)")
-        return "none"
-    if cfg.reference == "none":
-        raise UserError(f"loss_type {cfg.loss_type} needs a reference model", key=key,
-                        hint="use reference: auto, or loss_type: simpo for a reference-free loss")
-    if cfg.reference == "frozen_copy":
-        return "frozen_copy"
-    if cfg.reference == "adapter_disabled":
-        if not cfg.use_lora:
-            raise UserError("reference: adapter_disabled needs LoRA (use_lora: true)", key=key,
-                            hint="full fine-tuning uses reference: auto or frozen_copy")
-        return "adapter_disabled"
-    if cfg.use_lora:
-        return "adapter" if stacked else "adapter_disabled"
-    return "frozen_copy"
+    return reference.reference_mode(cfg, stacked=stacked, key=key, reference_free=cfg.loss_type in losses.REFERENCE_FREE,
+                                    loss=f"loss_type {cfg.loss_type}",
+                                    none_hint="use reference: auto, or loss_type: simpo for a reference-free loss")
 
 
 class DPOStage:
@@ -436,7 +421,7 @@ def reference_settings(cfg: DPOConfig, mode: str, torch_dtype, *, layout: str) -
             "compiled_rounding": "eager" if cfg.torch_compile is True else None}
 
 
-def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:
+def describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:
     if mode == "none":
         return "none (reference-free loss)"
     if mode == "frozen_copy":
@@ -449,16 +434,9 @@ def _describe_reference(mode: str, start: StartPoint, in_memory: bool) -> str:
 
 
 def planned_reference(cfg: DPOConfig) -> str:
-    """The reference a config runs with, before any model exists (the estimator plans its memory and passes):
-    none for a reference-free loss (or reference: none), precomputed when cached log-probs replace it,
-    a frozen copy for full fine-tuning or when asked, else the LoRA policy with its adapter disabled."""
-    if cfg.loss_type in losses.REFERENCE_FREE or cfg.reference == "none":
-        return "none"
-    if cfg.precompute_ref_log_probs:
-        return "precomputed"
-    if cfg.reference == "frozen_copy" or not cfg.use_lora:
-        return "frozen_copy"
-    return "adapter_disabled"
+    """The reference a config runs with, before any model exists (reference.planned_reference); none for a
+    reference-free loss."""
+    return reference.planned_reference(cfg, reference_free=cfg.loss_type in losses.REFERENCE_FREE)
 
 
 def inspect_pairs(cfg: DPOConfig, tokenizer, n: int) -> InspectView:

@@ -24,7 +24,12 @@ Objective contract): one micro-batch gives TRL's mean. z0 is estimated per micro
 TRL also averages it over processes (a gather each micro-batch), which this loop does not do.
 
 One micro-batch runs: the policy on the B examples (with gradients), the policy on the B KL rows (without),
-and the reference on all 2B rows (without; none when precomputed). `COST` states it for the estimator.
+and the reference on all 2B rows (without; none when precomputed). METHOD.terms states it for the estimator.
+
+The stage (`KTOStage`) chains like DPO (methods/start.py) and forms its reference by DPO's rule
+(reference.reference_mode); dropout is off (TRL's disable_dropout). With precompute_ref_log_probs the
+reference runs once over every example and its fixed KL row (data/unpaired.py) before training, in
+memory (not cached on disk, unlike DPO's).
 
 Raised: ValueError (the objective) for an unknown reference mode or a missing reference model; the config
 refuses per_device_train_batch_size 1 (the KL rows would be the examples themselves), like TRL.
@@ -32,17 +37,28 @@ refuses per_device_train_batch_size 1 (the KL rows would be the examples themsel
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from lmpipeline.config.schema import TrainStageConfig
-from lmpipeline.methods.costs import MethodCost
-from lmpipeline.methods.dpo import DPOObjective
+from lmpipeline.data.unpaired import UnpairedData, build_unpaired_data, make_unpaired_plans, unpaired_as_example, \
+    unpaired_collator
+from lmpipeline.errors import UserError
+from lmpipeline.methods import reference
+from lmpipeline.methods.chained import ChainedRecipe, ChainedStage
+from lmpipeline.methods.dpo import DPOObjective, describe_reference, validate_pairs
+from lmpipeline.methods.method import InspectView, Method
+from lmpipeline.methods.start import STACK_REFERENCE_ADAPTER
+from lmpipeline.models.speedups import TrainingSpeedups
+from lmpipeline.plan.estimate import EstimatorTerms
+from lmpipeline.train.loop import autocast_for
 
-# One unit = one example: its row with gradients, its KL row without, and the reference on both.
-COST = MethodCost(trained_rows=1, no_grad_rows=1, reference_rows=2, reference=True)
+log = logging.getLogger(__name__)
 
 
 class KTOConfig(TrainStageConfig):
@@ -153,6 +169,10 @@ class KTOObjective:
     def count(self, batch: dict) -> int:
         return int(batch["examples"])
 
+    def finalize_metrics(self, record: dict) -> dict:
+        """TRL's per-class means from the logged sums (the loop's optional Objective hook)."""
+        return derive_metrics(record)
+
     def reference_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of the examples' rows and of their KL rows, each [B], without gradients."""
         n = self.count(batch)
@@ -189,4 +209,133 @@ class KTOObjective:
         return per_example.sum() / total_units, metrics
 
 
-__all__ = ["KTOConfig", "KTOObjective", "kto_loss", "kl_reference_point", "derive_metrics", "COST"]
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def compute_reference_logps(objective: KTOObjective, model, items, cfg: KTOConfig, tokenizer,
+                            accelerator) -> np.ndarray:
+    """Reference log-probs [examples, 2] (the example, its fixed KL row) in data order; each process
+    computes its share of batches."""
+    collate = unpaired_collator(tokenizer, fixed_partners=True)
+    bsz = cfg.per_device_eval_batch_size
+    batches = [list(range(s, min(s + bsz, len(items)))) for s in range(0, len(items), bsz)]
+    out: dict[int, tuple[float, float]] = {}
+    was_training = model.training
+    model.eval()
+    for idx in batches[accelerator.process_index::accelerator.num_processes]:
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in collate(items, idx).items()}
+        # The loop's own precision context, so precomputed values equal on-the-fly ones.
+        with autocast_for(cfg, accelerator.device):
+            ref, ref_kl = objective.reference_logps(model, batch)
+        for j, i in enumerate(idx):
+            out[i] = (float(ref[j]), float(ref_kl[j]))
+    model.train(was_training)
+    out = reference.gather_ordered(out, accelerator)
+    return np.asarray([out[i] for i in range(len(items))], dtype=np.float64).reshape(len(items), 2)
+
+
+class KTORecipe(ChainedRecipe):
+    """KTO's part of the training-stage lifecycle: unpaired batches with their KL rows, and a reference
+    formed as DPO forms it."""
+
+    stage_class = "KTOStage"
+
+    def __init__(self, cfg: KTOConfig, model_name_or_path, previous, *, has_model: bool):
+        super().__init__(METHOD, cfg, model_name_or_path, previous, has_model=has_model)
+        self.mode = "adapter_disabled"
+        self.ref_model = None
+        self.in_memory = has_model
+        self.ref_train = self.ref_eval = None
+
+    def build_data(self, tokenizer) -> UnpairedData:
+        # Auto values are resolved by now: the config's own check saw `auto`, not what auto-fit chose.
+        if self.cfg.per_device_train_batch_size < 2:
+            raise UserError(f"per_device_train_batch_size is {self.cfg.per_device_train_batch_size}; KTO needs at "
+                            "least 2 (the KL reference point pairs each prompt with another example's completion)",
+                            key=self.key("per_device_train_batch_size"),
+                            hint="set per_device_train_batch_size: 2 (with gradient_checkpointing: true if memory "
+                                 "is short)")
+        return build_unpaired_data(self.cfg, tokenizer)
+
+    def load_model(self, model, torch_dtype: str):
+        model = super().load_model(model, torch_dtype)
+        self.mode = reference.reference_mode(self.cfg, stacked=self.start.stacked, key=self.key("reference"),
+                                             loss="KTO")
+        if self.mode == "frozen_copy":  # copied before any patch or adapter: the starting model itself
+            self.ref_model = copy.deepcopy(model).eval()
+            self.ref_model.requires_grad_(False)
+        return model
+
+    def prepare_model(self, model, *, others=()):
+        model = super().prepare_model(model, others=[self.ref_model])
+        self._notes.update(beta=self.cfg.beta, desirable_weight=self.cfg.desirable_weight,
+                           undesirable_weight=self.cfg.undesirable_weight,
+                           reference=describe_reference(self.mode, self.start.point, self.in_memory))
+        return model
+
+    def speedups(self, model) -> TrainingSpeedups:
+        # eager_rounding: the reference pass (no gradients) must round as the policy's forward does.
+        return TrainingSpeedups(model, self.cfg, packed=False, others=[self.ref_model], eager_rounding=True)
+
+    def objective(self, model) -> KTOObjective:
+        self.objective_used = KTOObjective.from_config(
+            self.cfg, reference=self.mode, ref_model=self.ref_model,
+            ref_adapters=[STACK_REFERENCE_ADAPTER] if self.start.stacked else None)
+        return self.objective_used
+
+    def before_plans(self, model, data, tokenizer, accelerator, objective) -> None:
+        if self.ref_model is not None:
+            self.ref_model.to(accelerator.device)
+        if not self.cfg.precompute_ref_log_probs:
+            return
+        if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+            model.to(accelerator.device)
+        log.info("computing reference log-probs for %d train and %d eval examples", len(data.train),
+                 len(data.eval or []))
+        self.ref_train = compute_reference_logps(objective, model, data.train, self.cfg, tokenizer, accelerator)
+        if data.eval:
+            self.ref_eval = compute_reference_logps(objective, model, data.eval, self.cfg, tokenizer, accelerator)
+        self._notes["reference"] += ", precomputed once before training"
+        objective.reference = "precomputed"
+        objective.reader.ref_model = self.ref_model = None  # the frozen copy is no longer needed
+
+    def batch_plans(self, data, tokenizer, accelerator):
+        return make_unpaired_plans(self.cfg, data, tokenizer, rank=accelerator.process_index,
+                                   world=accelerator.num_processes, ref_train=self.ref_train, ref_eval=self.ref_eval)
+
+
+class KTOStage(ChainedStage):
+    """`KTOStage(config).execute(model, tokenizer, previous=...)` -> StageResult."""
+
+    recipe_class = KTORecipe
+    config_class = KTOConfig
+
+
+def planned_reference(cfg: KTOConfig) -> str:
+    """The reference a KTO config runs with (DPO's rule; KTO's loss always needs one)."""
+    return reference.planned_reference(cfg)
+
+
+def inspect_examples(cfg: KTOConfig, tokenizer, n: int) -> InspectView:
+    items = build_unpaired_data(cfg, tokenizer).train
+    rows = [(str(e.source), "desirable" if e.label else "undesirable", [("", unpaired_as_example(e))])
+            for e in items[:n]]
+    header = "trained: the completion of each example (prompt shown, not trained); a pair gives two examples"
+    return InspectView(rows, [len(e.prompt_ids) + len(e.completion_ids) for e in items], header=header)
+
+
+METHOD = Method(
+    name="kto", aliases=("trl_kto",), config_class=KTOConfig, stage=KTOStage,
+    summary="Kahneman-Tversky optimisation on unpaired desirable/undesirable examples (or preference pairs)",
+    data="unpaired", start="chain", reference=planned_reference,
+    # One unit = one example: its row with gradients, its KL row without, and the reference on both.
+    terms=EstimatorTerms(rows_per_unit=1, unit="example", scores_completions=True, no_grad_rows=1,
+                         reference_rows=2),
+    inspect=inspect_examples, validate_data=validate_pairs,
+    title="Kahneman-Tversky optimisation (KTO)", card_keys=("beta", "desirable_weight", "undesirable_weight"),
+)
+
+
+__all__ = ["KTOConfig", "KTOObjective", "KTORecipe", "KTOStage", "METHOD", "kto_loss", "kl_reference_point",
+           "derive_metrics", "compute_reference_logps", "planned_reference"]

@@ -8,6 +8,9 @@ the model card) asks the Method instead of comparing method names:
     name, aliases      the stage kind in `stages:` and the other names that select it
     title              how the model card and messages name it ("supervised fine-tuning (SFT)")
     card_keys          its own config keys a model card lists (beside the common training ones)
+    model_class        the transformers Auto class its final folder loads with (a causal LM unless told),
+    model_kwargs       and the further from_pretrained arguments the model card's code passes (may read `tokenizer`)
+    usage_example      what the model card's loading code then does (None: generate a reply)
     config_class       its typed config (the common TrainStageConfig plus its own fields)
     stage              `stage(config).execute(...)`: the training-stage lifecycle for this method
     data               which family of data formats it reads ("supervised", "preference" or "unpaired";
@@ -60,6 +63,9 @@ class Method:
     validate_data: Callable[..., Any]
     title: str = ""
     card_keys: tuple[str, ...] = ()
+    model_class: str = "AutoModelForCausalLM"
+    model_kwargs: str = ""
+    usage_example: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -24,23 +24,28 @@ pairs; the NLL term is a token mean within each micro-batch (TRL's), weighted by
 of the global batch's pairs, so one micro-batch gives exactly TRL's loss and equal micro-batches under
 gradient accumulation give TRL's average of micro-batch losses.
 
-No reference model, no reference forward: one forward over the 2B rows per micro-batch (`COST`).
+No reference model, no reference forward: one forward over the 2B rows per micro-batch (METHOD.terms).
+
+The stage (`ORPOStage`) chains like DPO (methods/start.py: after SFT its adapter is merged, or stacked
+under the new one), pads its pairs (no varlen layout) and trains with dropout off, as TRL.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from lmpipeline.config.schema import TrainStageConfig
-from lmpipeline.methods.costs import MethodCost
-from lmpipeline.methods.dpo import DPOObjective
+from lmpipeline.data.preference import PreferenceData, build_preference_data, make_pair_plans
+from lmpipeline.methods.chained import ChainedRecipe, ChainedStage
+from lmpipeline.methods.dpo import DPOObjective, inspect_pairs, validate_pairs
+from lmpipeline.methods.method import Method, no_reference
+from lmpipeline.plan.estimate import EstimatorTerms
 
-COST = MethodCost(trained_rows=2)
 _LN_HALF = -math.log(2.0)
 
 
@@ -56,6 +61,9 @@ class ORPOConfig(TrainStageConfig):
     nll_on_prompt: bool = Field(
         False, description="Also count the prompt's tokens in the SFT term, as TRL's ORPOTrainer does (default: "
         "the chosen reply's tokens only, the paper's L_SFT)."
+    )
+    from_previous_stage: Literal["merge", "stack"] = Field(
+        "merge", description="After SFT: merge its adapter into the base (default) or stack a new one."
     )
 
 
@@ -138,4 +146,51 @@ class ORPOObjective:
         return loss / total_units, metrics
 
 
-__all__ = ["ORPOConfig", "ORPOObjective", "orpo_loss", "odds_ratio_loss", "log_odds_ratio", "log1mexp", "COST"]
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+class ORPORecipe(ChainedRecipe):
+    """ORPO's part of the training-stage lifecycle: padded pairs, no reference."""
+
+    stage_class = "ORPOStage"
+
+    def __init__(self, cfg: ORPOConfig, model_name_or_path, previous, *, has_model: bool):
+        super().__init__(METHOD, cfg, model_name_or_path, previous, has_model=has_model)
+
+    def build_data(self, tokenizer) -> PreferenceData:
+        return build_preference_data(self.cfg, tokenizer)
+
+    def prepare_model(self, model, *, others=()):
+        model = super().prepare_model(model)
+        self._notes.update(beta=self.cfg.beta, reference="none (ORPO is reference-free)")
+        return model
+
+    def objective(self, model) -> ORPOObjective:
+        self.objective_used = ORPOObjective.from_config(self.cfg)
+        return self.objective_used
+
+    def batch_plans(self, data, tokenizer, accelerator):
+        return make_pair_plans(self.cfg, data, tokenizer, rank=accelerator.process_index,
+                               world=accelerator.num_processes, layout="padded")
+
+
+class ORPOStage(ChainedStage):
+    """`ORPOStage(config).execute(model, tokenizer, previous=...)` -> StageResult."""
+
+    recipe_class = ORPORecipe
+    config_class = ORPOConfig
+
+
+METHOD = Method(
+    name="orpo", aliases=("trl_orpo",), config_class=ORPOConfig, stage=ORPOStage,
+    summary="odds-ratio preference optimisation on chosen/rejected pairs: SFT plus an odds-ratio term, no reference",
+    data="preference", start="chain", reference=no_reference,
+    terms=EstimatorTerms(rows_per_unit=2, unit="pair", scores_completions=True),
+    inspect=inspect_pairs, validate_data=validate_pairs,
+    title="odds-ratio preference optimisation (ORPO)", card_keys=("beta",),
+)
+
+
+__all__ = ["ORPOConfig", "ORPOObjective", "ORPORecipe", "ORPOStage", "METHOD", "orpo_loss", "odds_ratio_loss",
+           "log_odds_ratio", "log1mexp"]

@@ -22,7 +22,12 @@ Supported
 
 Outputs (the shared lifecycle's save): full fine-tuning, a folder AutoModelForSequenceClassification loads;
 LoRA, a PEFT adapter (SEQ_CLS, with the score head) over the base: `load_reward_model` loads either.
-No reference model, no LM head over the vocabulary: one forward of 2B rows per micro-batch (`COST`).
+No reference model, no LM head over the vocabulary: one forward of 2B rows per micro-batch (METHOD.terms).
+
+The stage (`RMStage`) chains (methods/start.py): after an SFT adapter, that adapter is merged into the
+base loaded as a sequence classifier (from_previous_stage: merge; a new score head cannot be stacked
+under an adapter), and the reward model's LoRA goes on top. The final folder's lmpipeline_chain.json
+then names the SFT adapter, and `load_reward_model` follows it. Dropout is off, as TRL.
 
 Lengths use the common max_seq_length (TRL's max_length) and max_prompt_length, with the pair rules of
 data/preference.py.
@@ -30,22 +35,26 @@ data/preference.py.
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from lmpipeline.config.schema import TrainStageConfig
-from lmpipeline.data.preference import PreferenceData, collate_pairs, make_item_plans
+from lmpipeline.data.preference import PreferenceData, build_preference_data, collate_pairs, make_item_plans
 from lmpipeline.data.types import TokenizedPair
 from lmpipeline.errors import UserError
-from lmpipeline.methods.costs import MethodCost
+from lmpipeline.methods.chained import ChainedRecipe, ChainedStage
+from lmpipeline.methods.dpo import inspect_pairs, validate_pairs
+from lmpipeline.methods.method import Method, no_reference
+from lmpipeline.methods.start import adapter_chain
 from lmpipeline.models import loading
+from lmpipeline.plan.estimate import EstimatorTerms
 
-COST = MethodCost(trained_rows=2, lm_head=False)
+log = logging.getLogger(__name__)
 
 
 class RMConfig(TrainStageConfig):
@@ -62,6 +71,9 @@ class RMConfig(TrainStageConfig):
     )
     max_prompt_length: Optional[int] = Field(
         None, gt=0, description="Prompt tokens kept (left-truncated); rest of max_seq_length for replies."
+    )
+    from_previous_stage: Literal["merge"] = Field(
+        "merge", description="After SFT: merge its adapter into the base before the score head and a new adapter."
     )
 
 
@@ -155,39 +167,128 @@ def make_rm_plans(cfg: RMConfig, data: PreferenceData, tokenizer, rank: int = 0,
 # The model
 
 
-def build_model(cfg: RMConfig, model_name_or_path: str, tokenizer, *, torch_dtype: str = "auto"):
-    """A reward model on `model_name_or_path`: AutoModelForSequenceClassification, one label, the
-    tokenizer's pad token in its config (the pooling reads it), then LoRA (SEQ_CLS) when use_lora."""
+def load_reward_base(cfg: RMConfig, model_name_or_path: str, tokenizer, *, torch_dtype: str = "auto"):
+    """AutoModelForSequenceClassification on `model_name_or_path`: one label, the tokenizer's pad token in its
+    config (the pooling reads it)."""
     from transformers import AutoModelForSequenceClassification
 
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; a reward model finds each row's last token by it",
                         key=f"stage_configs.{cfg.stage_name or 'rm'}.pad_token",
                         hint="set pad_token (a token the replies never end with, when the vocabulary has one)")
-    model = loading.load_model(model_name_or_path, cfg, torch_dtype=torch_dtype,
-                               auto_class=AutoModelForSequenceClassification, num_labels=1,
-                               pad_token_id=tokenizer.pad_token_id)
+    return loading.load_model(model_name_or_path, cfg, torch_dtype=torch_dtype,
+                              auto_class=AutoModelForSequenceClassification, num_labels=1,
+                              pad_token_id=tokenizer.pad_token_id)
+
+
+def build_model(cfg: RMConfig, model_name_or_path: str, tokenizer, *, torch_dtype: str = "auto"):
+    """A reward model on `model_name_or_path` (load_reward_base), then LoRA (SEQ_CLS) when use_lora."""
+    model = load_reward_base(cfg, model_name_or_path, tokenizer, torch_dtype=torch_dtype)
     if cfg.use_lora:
         model = loading.apply_lora(model, cfg, task_type="SEQ_CLS")
     return model
 
 
+def merge_adapters(model, adapters: list[Path]):
+    """Earlier stages' causal-LM adapters merged into a sequence classifier's backbone: their weights have
+    the same names under both heads (the decoder layers), and no adapter trains the score head."""
+    from peft import PeftConfig, PeftModel
+
+    for adapter in adapters:
+        config = PeftConfig.from_pretrained(str(adapter))
+        config.task_type = None  # the plain PeftModel: a CAUSAL_LM wrapper would need the generation head
+        model = PeftModel.from_pretrained(model, str(adapter), config=config).merge_and_unload()
+        log.info("merged adapter %s into the reward model's base", adapter)
+    return model
+
+
 def load_reward_model(folder: str | Path, *, base: str | None = None, torch_dtype=torch.float32):
     """A trained reward model from its final/ folder, in eval mode: full weights, or a SEQ_CLS adapter over
-    the base its adapter_config.json names (or `base`)."""
+    the base its chain file or adapter_config.json names (or `base`), earlier stages' adapters merged first."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    adapter = folder / "adapter_config.json"
-    if not adapter.exists():
+    if not (folder / "adapter_config.json").exists():
         return AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch_dtype).eval(), tokenizer
-    base = base or json.loads(adapter.read_text()).get("base_model_name_or_path")
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch_dtype,
+    chain_base, chain, _ = adapter_chain(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(base or chain_base, num_labels=1, dtype=torch_dtype,
                                                                pad_token_id=tokenizer.pad_token_id)
+    model = merge_adapters(model, chain[:-1])
     return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer
 
 
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+# The model card's example: a reward is the score head's output at a conversation's last token.
+SCORE_CODE = (
+    'messages = [{"role": "user", "content": "Explain machine learning in one paragraph."},\n'
+    '            {"role": "assistant", "content": "Machine learning fits a model to examples."}]\n'
+    'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True).to(model.device)\n'
+    "print(model(**inputs).logits[0, 0].item())  # higher: the reply is preferred\n"
+)
+
+
+class RMRecipe(ChainedRecipe):
+    """The reward model's part of the training-stage lifecycle: a sequence classifier on the start point,
+    padded pairs, no reference."""
+
+    stage_class = "RMStage"
+
+    def __init__(self, cfg: RMConfig, model_name_or_path, previous, *, has_model: bool):
+        super().__init__(METHOD, cfg, model_name_or_path, previous, has_model=has_model)
+        self.tokenizer = None
+
+    def build_data(self, tokenizer) -> PreferenceData:
+        self.tokenizer = tokenizer  # the model's config takes its pad token
+        return build_preference_data(self.cfg, tokenizer)
+
+    def load_model(self, model, torch_dtype: str):
+        if model is not None:  # given in memory: a sequence classifier (an adapter on it is merged)
+            return self.start.load(model, self.cfg, torch_dtype)
+        point = self.start.point
+        return merge_adapters(load_reward_base(self.cfg, point.base, self.tokenizer, torch_dtype=torch_dtype),
+                              point.merge)
+
+    def add_adapter(self, model):
+        return loading.apply_lora(model, self.cfg, task_type="SEQ_CLS") if self.cfg.use_lora else model
+
+    def prepare_model(self, model, *, others=()):
+        model = super().prepare_model(model)
+        self._notes.update(reference="none (a reward model has none)", use_margin=self.cfg.use_margin)
+        return model
+
+    def objective(self, model) -> RMObjective:
+        self.objective_used = RMObjective.from_config(self.cfg)
+        return self.objective_used
+
+    def batch_plans(self, data, tokenizer, accelerator):
+        return make_rm_plans(self.cfg, data, tokenizer, rank=accelerator.process_index,
+                             world=accelerator.num_processes)
+
+
+class RMStage(ChainedStage):
+    """`RMStage(config).execute(model, tokenizer, previous=...)` -> StageResult."""
+
+    recipe_class = RMRecipe
+    config_class = RMConfig
+
+
+METHOD = Method(
+    name="rm", aliases=("reward_model", "trl_reward"), config_class=RMConfig, stage=RMStage,
+    summary="a Bradley-Terry reward model (a scalar head on the base) trained on chosen/rejected pairs",
+    data="preference", start="chain", reference=no_reference,
+    terms=EstimatorTerms(rows_per_unit=2, unit="pair", lm_head=False),
+    inspect=inspect_pairs, validate_data=validate_pairs,
+    title="reward model (Bradley-Terry)", card_keys=("use_margin", "center_rewards_coefficient"),
+    model_class="AutoModelForSequenceClassification", usage_example=SCORE_CODE,
+    model_kwargs=", num_labels=1, pad_token_id=tokenizer.pad_token_id",
+)
+
+
 __all__ = ["RMConfig", "RMObjective", "bradley_terry_loss", "centering_penalty", "collate_rm", "make_rm_plans",
-           "check_margins", "build_model", "load_reward_model", "COST"]
+           "check_margins", "build_model", "load_reward_base", "load_reward_model", "merge_adapters", "RMRecipe",
+           "RMStage", "METHOD"]

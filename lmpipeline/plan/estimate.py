@@ -152,6 +152,11 @@ class EstimatorTerms:
     varlen_by_default   its rows sit end to end under varlen attention whenever the kernel runs
     shares_prompt       `share_prompt:` applies: under varlen a pair's prompt runs once
     scores_completions  the loss reads only completion positions through the LM head (no full logits)
+    no_grad_rows        further policy rows per unit run without gradients (KTO's KL rows: a forward
+                        each, no activations kept)
+    reference_rows      rows the reference runs per unit (None: the trained rows, as DPO's pair)
+    lm_head             whether the rows go through the LM head over the vocabulary (False: a reward
+                        model's score head, one number per position)
     """
 
     rows_per_unit: int = 1
@@ -160,6 +165,16 @@ class EstimatorTerms:
     varlen_by_default: bool = False
     shares_prompt: bool = False
     scores_completions: bool = False
+    no_grad_rows: int = 0
+    reference_rows: int | None = None
+    lm_head: bool = True
+
+    def forward_factor(self, reference: str) -> float:
+        """Forwards beside the trained rows', per trained row: the policy's rows without gradients and
+        the reference's rows (none when precomputed or reference-free). A forward is 2N FLOPs per token."""
+        ref = self.rows_per_unit if self.reference_rows is None else self.reference_rows
+        ref = ref if reference in ("adapter_disabled", "frozen_copy") else 0
+        return (self.no_grad_rows + ref) / self.rows_per_unit
 
 
 SFT_TERMS = EstimatorTerms()  # one row per item, the model's own loss: what a Setup assumes unless told
@@ -259,7 +274,8 @@ def _attention(stage, terms: EstimatorTerms, arch: Architecture | None) -> str:
     softcap = arch is not None and arch.attn_softcap
     window = arch is not None and arch.sliding_window and arch.sliding_window < stage.max_seq_length
     # padding_free auto counts as on: the estimate is for a GPU, where the kernel runs (unless NEFTune is on).
-    packed = terms.varlen_by_default or stage.packing or padding_free_on(stage, varlen_runs=True)
+    # packing and padding_free are SFT's (terms.packs_rows); the other methods pad unless varlen_by_default.
+    packed = terms.varlen_by_default or (terms.packs_rows and (stage.packing or padding_free_on(stage, varlen_runs=True)))
     if packed and not softcap and not window:
         return "varlen"
     return "eager" if softcap else "sdpa"
@@ -473,6 +489,8 @@ def _loss_bytes(arch: Architecture, setup: Setup, tokens: int, positions: int) -
     """Bytes the loss holds at its own peak (logits and their gradients), for `tokens` in the micro-batch
     and `positions` scored through the LM head."""
     V, H = arch.vocab_size, arch.hidden_size
+    if not setup.terms.lm_head:  # a score head: [tokens, 1] fp32 logits and their gradient
+        return 8.0 * tokens, "score head (one number per position)"
     head_fp32 = False  # the LM head stays in the compute dtype (see _flow)
     cast = 0
     if setup.liger and not setup.terms.scores_completions:
@@ -639,7 +657,8 @@ def estimate_memory(arch: Architecture, setup: Setup, profile: TokenProfile | No
         notes.append(f"full-vocabulary logits cost {_g(loss)} here: chunked_loss: true scores the trained "
                      "positions in chunks")
     if setup.reference == "adapter_disabled":
-        notes.append("DPO reference = the model with its adapter disabled: no second copy, one extra no-grad forward")
+        notes.append("reference = the model with its adapter disabled: no second copy, one extra no-grad forward "
+                     "of its rows")
     notes.extend(arch.notes)
     return MemoryEstimate(parts, details, peak, phase, tokens, row_len, trainable, notes, off)
 

@@ -2,7 +2,8 @@
 
 Local files only, never the Hub; a tokenizer when one is at hand, else about four characters a token.
 `data` is the family of formats the stage's method reads (Method.data: "supervised", "preference", "unpaired"):
-preference rows count the prompt once and the longer reply.
+preference rows count the prompt once and the longer reply; for an unpaired method (KTO) a pair is two
+examples, the prompt with each reply.
 """
 
 from __future__ import annotations
@@ -112,11 +113,17 @@ def profile_data(stage, data: str, tokenizer_path: str | None = None, sample: in
         total = min(total, stage.max_samples)
     total = int(total * (1 - stage.validation_split_ratio)) if not stage.eval_dataset_name_or_path else total
     lengths, means, prompts = [], [], []
+    pairs_read = 0
     for row in picked:
-        if data == "preference" and "chosen" in row and "rejected" in row:
+        if data in ("preference", "unpaired") and "chosen" in row and "rejected" in row:
             c = sum(count(s) for s in _strings(row["chosen"]))
             r = sum(count(s) for s in _strings(row["rejected"]))
             p = sum(count(s) for k, v in row.items() if k not in ("chosen", "rejected") for s in _strings(v))
+            pairs_read += 1
+            if data == "unpaired":  # two examples: the chosen (desirable) and the rejected (undesirable)
+                lengths += [p + c + TEMPLATE_TOKENS, p + r + TEMPLATE_TOKENS]
+                means += [p + c + TEMPLATE_TOKENS, p + r + TEMPLATE_TOKENS]
+                continue
             lengths.append(p + max(c, r) + TEMPLATE_TOKENS)
             means.append(p + (c + r) / 2 + TEMPLATE_TOKENS)
             prompts.append(p)
@@ -126,8 +133,10 @@ def profile_data(stage, data: str, tokenizer_path: str | None = None, sample: in
             means.append(n)
     if not lengths:
         return TokenProfile(rows=total, source="no rows read")
+    if data == "unpaired" and picked:  # the sampled share of pair rows counts twice
+        total = round(total * (1 + pairs_read / len(picked)))
     return TokenProfile(rows=total, mean_tokens=sum(means) / len(means), lengths=lengths,
                         prompt_tokens=sum(prompts) / len(prompts) if prompts else None,
-                        source=f"{len(lengths)} sampled rows, {how}")
+                        source=f"{len(picked)} sampled rows, {how}")
 
 

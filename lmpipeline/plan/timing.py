@@ -43,11 +43,11 @@ class TimeEstimate:
 def estimate_time(arch: Architecture, setup: Setup, device: hardware.GPU, profile: TokenProfile | None = None, *,
                   epochs: float = 1.0, max_steps: int = -1, world: int = 1, mfu: float = DEFAULT_MFU) -> TimeEstimate:
     profile = profile or TokenProfile()
-    N = arch.matmul_params
+    # A reward model's score head replaces the vocabulary head: its tokens skip V x H multiplies.
+    N = arch.matmul_params - (0 if setup.terms.lm_head else arch.vocab_size * arch.hidden_size)
     recompute = checkpointed_layers(arch.num_layers, setup) / max(arch.num_layers, 1)  # share of layers run twice
     k = (4 if setup.use_lora else 6) + 2 * recompute
-    ref = 2 if setup.reference in ("adapter_disabled", "frozen_copy") else 0
-    flops_per_token = (k + ref) * N
+    flops_per_token = (k + 2 * setup.terms.forward_factor(setup.reference)) * N
     mean = profile.mean(setup.seq_len)
     if setup.shared_prompt and profile.prompt_tokens:  # each row carries half of its pair's one prompt
         mean -= profile.prompt_tokens / 2

@@ -23,7 +23,9 @@ above loss_spike_factor x the median of the recent steps is logged as a spike. T
 saves a checkpoint at the end of the step and exits 130; a second one stops at once.
 
 A method plugs in an Objective: count(batch) -> units, loss(model, batch, total_units) ->
-(loss, metric sums). Batches come from a BatchPlan (lmpipeline/data/batch_plan.py): a deterministic
+(loss, metric sums); optionally finalize_metrics(record) -> record, called on every logged train and
+eval record, for metrics that are not one sum per unit (KTO's per-class means: a ratio of two sums).
+Batches come from a BatchPlan (lmpipeline/data/batch_plan.py): a deterministic
 micro-batch order per epoch (seed + epoch), so a resumed run sees exactly the data the uninterrupted
 run would have seen.
 """
@@ -73,6 +75,13 @@ class Objective(Protocol):
     def count(self, batch: dict) -> int: ...
 
     def loss(self, model, batch: dict, total_units: float) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def finalized(objective: Objective, record: dict) -> dict:
+    """The record after the objective's optional finalize_metrics (every sum is already divided by the
+    record's units, so a ratio of two logged values is the ratio of their sums)."""
+    hook = getattr(objective, "finalize_metrics", None)
+    return hook(record) if hook is not None else record
 
 
 class MicroBatches(Protocol):
@@ -219,7 +228,7 @@ def evaluate(model, objective: Objective, plan: MicroBatches, cfg: TrainStageCon
     # Perplexity is exp(token cross-entropy): meaningful for SFT's loss, not for a preference loss.
     if "eval_loss" in out and getattr(objective, "reports_perplexity", False):
         out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    return out
+    return finalized(objective, out)
 
 
 def _padding_forwards(accelerator, mine: int, device) -> int:
@@ -435,6 +444,7 @@ def train(
                 })
                 if regrouping:  # this rank's forward passes per step, after regrouping
                     rec["micro_batches_per_step"] = window["micro"] / max(window["steps"], 1)
+                rec = finalized(objective, rec)
                 metrics.write(rec)
                 if is_main:
                     log.info("step %d/%d %s", step, total_steps, fmt_pairs(rec, skip=("step",)))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmpipeline.data.types import KTOExample
+from lmpipeline.errors import UserError
 from lmpipeline.data.unpaired import (
     TokenizedUnpaired,
     build_unpaired_data,
@@ -279,3 +280,15 @@ def test_kto_on_quickstart_raises_heldout_reward_accuracy(tiny_model, quickstart
     accuracy = heldout_pair_accuracy(model, tok, quickstart_data, tmp_path / "pairs",
                                      DPOObjective(beta=0.5, reference="adapter_disabled"))
     assert accuracy > 0.6, (accuracy, before, after)
+
+
+def test_stage_refuses_a_micro_batch_of_one_after_auto_fit(tmp_path):
+    """Auto-fit may choose 1 after the config's own check saw `auto`: the recipe refuses it with the key."""
+    from lmpipeline.methods.kto import KTORecipe
+
+    cfg = KTOConfig(stage_name="kto", output_dir=str(tmp_path), dataset_name_or_path="x.jsonl",
+                    per_device_train_batch_size="auto").model_copy(update={"per_device_train_batch_size": 1})
+    recipe = KTORecipe(cfg, "base", None, has_model=False)
+    with pytest.raises(UserError) as err:
+        recipe.build_data(tokenizer=None)
+    assert err.value.key == "stage_configs.kto.per_device_train_batch_size"

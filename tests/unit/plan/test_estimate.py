@@ -317,3 +317,48 @@ def test_the_plan_says_what_torch_compile_auto_will_do(arch3b):
     assert pilot.resolved["torch_compile"].startswith("false (20 optimizer steps")
     explicit = plan_stage(SFTConfig(**common, torch_compile=True), method_for("sft"), arch3b, device=gpu, profile=profile)
     assert "torch_compile" not in explicit.resolved and explicit.setup.compiled
+
+
+def test_forwards_without_gradients_and_a_score_head_count(arch3b):
+    """FLOPs per trained token: LoRA's 4N, plus 2N for each further forward per trained row. DPO's reference
+    runs both rows of a pair (2N, as before); KTO's example runs its KL row on the policy without
+    gradients and the reference on both rows (3 forwards: 6N); precomputed, only the KL row (2N). A reward
+    model's tokens skip the vocabulary head (N less V x H)."""
+    h100 = hardware.gpu("h100-80gb")
+    N = arch3b.matmul_params
+
+    def flops(method, reference):
+        setup = Setup(terms=method_for(method).terms, micro_batch=2, seq_len=1024, reference=reference)
+        return estimate_time(arch3b, setup, h100).flops_per_token
+
+    assert flops("dpo", "adapter_disabled") == pytest.approx(6 * N)
+    assert flops("dpo", "precomputed") == pytest.approx(4 * N)
+    assert flops("kto", "adapter_disabled") == pytest.approx(10 * N)
+    assert flops("kto", "precomputed") == pytest.approx(6 * N)
+    assert flops("orpo", "none") == pytest.approx(4 * N)
+    assert flops("rm", "none") == pytest.approx(4 * (N - arch3b.vocab_size * arch3b.hidden_size))
+    rm = estimate_memory(arch3b, Setup(terms=method_for("rm").terms, micro_batch=2, seq_len=1024))
+    orpo = estimate_memory(arch3b, Setup(terms=method_for("orpo").terms, micro_batch=2, seq_len=1024))
+    assert "score head" in rm.details["logits/loss"] and rm.peak <= orpo.peak
+
+
+def test_padded_methods_ignore_sft_packing_keys_and_kto_counts_a_pair_twice(tmp_path):
+    """KTO, ORPO and reward models pad their rows: padding_free (an SFT key, auto by default) does not put
+    them under varlen; and for KTO each preference row of the data is two examples."""
+    import json
+
+    from lmpipeline.methods.kto import KTOConfig
+    from lmpipeline.methods.orpo import ORPOConfig
+    from lmpipeline.plan.estimate import setup_from_stage
+    from lmpipeline.plan.profile import profile_data
+
+    rows = [{"prompt": "say a word", "chosen": "yes indeed", "rejected": "no"}] * 10
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for cls, kind in ((KTOConfig, "kto"), (ORPOConfig, "orpo")):
+        stage = cls(output_dir=str(tmp_path), dataset_name_or_path=str(path), per_device_train_batch_size=2)
+        setup = setup_from_stage(stage, method_for(kind), torch_dtype="bfloat16")
+        assert setup.attn == "sdpa" and not setup.padding_free
+    kto = KTOConfig(output_dir=str(tmp_path), dataset_name_or_path=str(path), per_device_train_batch_size=2)
+    assert profile_data(kto, "unpaired").rows == 2 * profile_data(kto, "preference").rows
+    assert len(profile_data(kto, "unpaired").lengths) == 20
