@@ -46,6 +46,7 @@ from lmpipeline.export.card import render_stage_card
 from lmpipeline.export.merge import MergeStage
 from lmpipeline.export.package import PackageStage
 from lmpipeline.methods import method_for
+from lmpipeline.models.adapter_chain import chain_includes
 from lmpipeline.models.loading import check_model_reference, load_tokenizer
 from lmpipeline.plan.requirements import check_requirements
 from lmpipeline.plan.stage_plan import prepare_stage
@@ -489,7 +490,8 @@ def _write_stage_card(result: StageResult, stage_cfg, method, cfg: PipelineConfi
                                  base_model=chain.base if chain else cfg.model_name_or_path,
                                  params=stage_cfg.model_dump(), data=result.data or {}, metrics=result.metrics or {},
                                  global_step=result.global_step, adapter=result.adapter,
-                                 chain=[str(a) for a in chain.adapters] if chain else None)
+                                 chain=[str(a) for a in chain.adapters] if chain else None,
+                                 includes=chain_includes(result.final_dir))
         (result.final_dir / "README.md").write_text(redact(card), encoding="utf-8")  # paths may hold a token
     except Exception as e:  # noqa: BLE001 - the card describes the model; failing to write it must not fail the run
         log.warning("[%s] model card not written: %s", result.stage_name, e)

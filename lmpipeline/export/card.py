@@ -217,12 +217,12 @@ def render_stage_card(final_dir: Path, *, stage_name: str, kind: str, base_model
                       metrics: dict, global_step: int | None, adapter: bool, chain: list[str] | None = None,
                       method_title: str | None = None, shown_keys: tuple[str, ...] = (),
                       model_class: str = "AutoModelForCausalLM", usage_example: str | None = None,
-                      model_kwargs: str = "") -> str:
+                      model_kwargs: str = "", includes: list[str] | None = None) -> str:
     """README.md of a training stage's output folder. `chain`: the adapter folders to apply in order (the
     earlier stages' and this one) when the stage trained on top of earlier adapters; `method_title` and
     `shown_keys`: how the stage's method names itself and the config keys of its own the card shows;
     `model_class`, `model_kwargs` and `usage_example`: how its model loads and is used (a causal LM that
-    generates)."""
+    generates); `includes`: the earlier stages whose adapters are summed into this one (one adapter to load)."""
     datasets = _datasets(params)
     meta = {"base_model": base_model, "content": "adapter" if adapter else "full", "datasets": datasets,
             "stages": [{"kind": kind, "adapter": adapter, "hyperparameters": params}]}
@@ -233,7 +233,10 @@ def render_stage_card(final_dir: Path, *, stage_name: str, kind: str, base_model
              f"# {Path(final_dir).parent.name}: {what} for {base_model}", "",
              f"Trained with lmpipeline by {method_title or kind} from `{base_model}`"
              + (f", on top of the earlier stages' adapters ({' -> '.join(Path(c).parent.name for c in chain[:-1])})"
-                if len(chain) > 1 else "") + f"; stage `{stage_name}`, {fmt_number(global_step or 0)} optimizer steps.",
+                if len(chain) > 1 else "")
+             + (f", on top of the earlier stages' adapters ({' -> '.join(includes)}), summed with its own into this "
+                "one adapter" if includes else "")
+             + f"; stage `{stage_name}`, {fmt_number(global_step or 0)} optimizer steps.",
              "", "## Data", ""]
     for d in datasets:
         lines.append(f"- training: `{d}`" + (f" ({params.get('dataset_format')} rows)" if params.get("dataset_format") else ""))

@@ -70,6 +70,17 @@ def read_chain(folder: Path) -> tuple[str | None, list[Path], list[str | None]] 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def chain_includes(folder: Path) -> list[str]:
+    """The earlier stages whose adapters a combined adapter folder holds (its chain file's "includes")."""
+    path = Path(folder) / CHAIN_FILE
+    if not path.is_file():
+        return []
+    try:
+        return [e.get("stage") for e in json.loads(path.read_text()).get("includes", [])]
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
 def combinable(folders: list[Path]) -> str | None:
     """Why these adapters cannot be summed into one plain LoRA adapter, or None when they can."""
     for folder in folders:

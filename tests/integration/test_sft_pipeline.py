@@ -153,5 +153,6 @@ def test_stages_runs_a_subset_then_resume_runs_the_next_from_it(tmp_path, tiny_m
     assert f'PeftModel.from_pretrained(base_model, "{run / "sft" / "final"}")' in sft_card
     dpo_card = (run / "dpo" / "final" / "README.md").read_text()
     assert "preference optimisation" in dpo_card and "| beta | 0.1 |" in dpo_card
-    assert "on top of the earlier stages' adapters (sft)" in dpo_card  # and loads the chain in order
-    assert f"for adapter in {[str(run / 'sft' / 'final'), str(run / 'dpo' / 'final')]!r}" in dpo_card
+    assert "on top of the earlier stages' adapters (sft), summed with its own" in dpo_card
+    # one adapter (the SFT and DPO deltas summed) that plain PEFT loads on the base
+    assert f'PeftModel.from_pretrained(base_model, "{run / "dpo" / "final"}")' in dpo_card
